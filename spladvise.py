@@ -1028,7 +1028,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     aug = parse_augment(cfg.augment)
     st = {"updates": 0, "passes": 0, "t": 0, "lam0": 0.0, "gamma0": 0.0, "wall": 0.0, "best_acc": 0.0,
           "selected": None}
-    index, estate, handle, groups = None, None, None, None
+    index, estate, handle = None, None, None
     if cfg.resume:
         ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)
         net.load_state_dict(ckpt["student"])
@@ -1053,13 +1053,15 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             save_atomic(ckpt["embedding"], state_path)
         child_data = {k: v.to(embed_device) for k, v in data.items()}
         handle = start_embedding_process(cfg, child_data, n_classes * cfg.k, state_path, max(1, cores - cores // 2))
+        print(f"[embedding] pid={handle['proc'].pid} device={embed_device}", flush=True)
     elif cfg.sampler == "spladvise":
         estate = new_embedding_state(cfg, shape, device)
         if cfg.resume:
             load_embedding_state(estate, ckpt["embedding"])
         index = embedding_refresh(estate, data, cfg)
-    elif cfg.sampler == "spld":
-        groups = fixed_pixel_clusters(data, cfg.k, cfg.kmeans_iters, cfg.seed)  # fixed once, never refreshed
+    elif cfg.sampler == "spld":  # fixed once, never refreshed
+        index = {"assign": fixed_pixel_clusters(data, cfg.k, cfg.kmeans_iters, cfg.seed), "version": 0,
+                 "embed_acc": None}
     last_check = [time.time()]
     failure = []
 
@@ -1089,12 +1091,11 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
                     refresh_every = cfg.refresh or math.ceil(n / cfg.magnet_batch)
                     embedding_train(estate, data, cfg, refresh_every)
                     index = embedding_refresh(estate, data, cfg)
-                if index is None:  # stopped while waiting for the first index
+                if index is None and cfg.sampler != "spl":  # stopped while waiting for the first index
                     break
                 t2 = time.time()
                 t_embed = t2 - t1
-                g = index["assign"].to(device) if cfg.sampler == "spladvise" else groups
-                g = torch.zeros_like(data["y_train"]) if cfg.sampler == "spl" else g
+                g = torch.zeros_like(data["y_train"]) if cfg.sampler == "spl" else index["assign"].to(device)
                 rho0 = 0.0 if cfg.sampler == "spl" else cfg.rho0  # SPL: γ = 0, one group (NOTES §4)
                 if st["t"] == 0:
                     st["lam0"], st["gamma0"] = spld_pace(losses, 0, "quantile", cfg.f0, rho0, 0, 0)
@@ -1135,7 +1136,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             print(f"[student] pass={st['passes']} updates={st['updates']} epoch={record['epoch']:.2f} "
                   f"loss={train_loss:.4f} acc={test_acc:.4f} selected={record['selected_frac']:.3f} "
                   f"clusters={record['clusters_used']} embed_v={record['embed_version']} "
-                  f"embed_acc={record['embed_acc'] if index else float('nan'):.4f} wall={st['wall']:.1f}s "
+                  f"embed_acc={-1 if record['embed_acc'] is None else record['embed_acc']:.4f} wall={st['wall']:.1f}s "
                   f"t_train={t_train:.2f} t_score={t_score:.2f} t_embed={t_embed:.2f} t_select={t_select:.3f}",
                   flush=True)
             embedding = (embedding_state_dict(estate) if estate is not None else

@@ -1,0 +1,441 @@
+"""Tests for spladvise.py, in the file's section order. Math is checked against slow, plainly correct references
+(loops, float64, tiny sizes); the training system through the CLI on real Fashion-MNIST subsets, on the CPU.
+
+Run: python -m pytest -q test_spladvise.py
+"""
+import gzip
+import itertools
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import spladvise as S
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FMNIST = "/usr/share/datasets/fashion-mnist"
+needs_fmnist = pytest.mark.skipif(not os.path.exists(f"{FMNIST}/train-images-idx3-ubyte.gz"),
+                                  reason="real Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+# A run small enough for seconds on 2 CPU cores: 600 training and 300 test images, LeNet student and embedding.
+TINY = ["--dataset", "fashionmnist", "--gpu", "-1", "--data-dir", "/nonexistent", "--no-download",
+        "--train-size", "600", "--test-size", "300", "--batch-size", "64", "--embed-dim", "8", "--k", "3",
+        "--m", "4", "--d", "4", "--score-batch", "600", "--lr", "0.05"]
+
+
+def cli(args, out, env=None, timeout=300):
+    """Run spladvise.py in a subprocess -> CompletedProcess (text)."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "spladvise.py"), *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def start(args, out, env=None):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "spladvise.py"), *args, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def pid_alive(pid):
+    """True if pid runs and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for_line(proc, needle, timeout):
+    """Read proc's stdout until a line contains needle; -> that line."""
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if needle in line:
+            return line
+        assert time.time() < deadline, f"no '{needle}' within {timeout}s"
+    raise AssertionError(f"process ended before printing '{needle}': {proc.stderr.read()}")
+
+
+# ---- 3. data ---------------------------------------------------------------------------------------------
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_tiny_idx_set(folder, gz=True, n=20):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    parts = {"train-images-idx3-ubyte": rng.integers(0, 256, (n, 28, 28)),
+             "train-labels-idx1-ubyte": np.arange(n) % 10,
+             "t10k-images-idx3-ubyte": rng.integers(0, 256, (10, 28, 28)), "t10k-labels-idx1-ubyte": np.arange(10)}
+    for stem, array in parts.items():
+        write_idx(os.path.join(folder, stem + (".gz" if gz else "")), array)
+    return parts
+
+
+@pytest.mark.parametrize("layout,gz", [("", True), ("FashionMNIST/raw", False), ("FashionMNIST/raw", True)])
+def test_load_dataset_reads_idx_files_in_raw_and_torchvision_layouts(tmp_path, layout, gz):
+    """Data: --data-dir may hold the raw idx (.gz) files or torchvision's FashionMNIST/raw layout."""
+    parts = write_tiny_idx_set(os.path.join(tmp_path, layout), gz)
+    data = S.load_dataset("fashionmnist", str(tmp_path), download=False)
+    assert data["x_train"].shape == (20, 1, 28, 28) and data["x_train"].dtype == torch.uint8
+    assert np.array_equal(data["x_train"][:, 0].numpy(), parts["train-images-idx3-ubyte"])
+    assert np.array_equal(data["y_test"].numpy(), parts["t10k-labels-idx1-ubyte"])
+
+
+def test_load_dataset_reads_cifar_pickles(tmp_path):
+    """Data: torchvision's cifar-10-batches-py layout, rows of 3072 bytes in CHW order."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rows = np.arange(2 * 3072).reshape(2, 3072) % 256
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rows, b"labels": [3, 7]}, f)
+    data = S.load_dataset("cifar10", str(tmp_path), download=False)
+    assert data["x_train"].shape == (10, 3, 32, 32)
+    assert data["x_train"][0, 1, 0, 0] == 1024 % 256 and data["y_train"].tolist() == [3, 7] * 5
+
+
+def test_truncated_idx_file_is_named_in_the_error(tmp_path):
+    """Bad input: a truncated data file raises DataError naming that file."""
+    write_tiny_idx_set(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(S.DataError, match="train-images-idx3-ubyte.gz"):
+        S.load_dataset("fashionmnist", str(tmp_path), download=False)
+
+
+def test_missing_data_exits_2_naming_the_paths_tried(tmp_path):
+    """Data: no local copy and no download -> exit 2, the folders tried and how to get the data, no traceback."""
+    r = cli(["--dataset", "mnist", "--gpu", "-1", "--data-dir", str(tmp_path), "--no-download", "--updates", "5"],
+            tmp_path / "out")
+    assert r.returncode == 2, r.stderr
+    assert str(tmp_path) in r.stderr and "--data-dir" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_balanced_subset_takes_equal_class_shares():
+    labels = torch.arange(100) % 10
+    idx = S.balanced_subset(labels, 25, torch.Generator().manual_seed(0))
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert len(idx.unique()) == 25 and counts.max() - counts.min() <= 1
+
+
+def test_augment_shift_moves_pixels_by_whole_pixels_and_flips_mirror():
+    """Augmentation: translation is an exact pad-and-crop (black border), a flip an exact mirror."""
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, 0, 3, 4] = 1.0
+    shifted = S.augment(x, hflip=False, vflip=False, shift=2, rotate=0.0)
+    assert torch.all(shifted.sum((1, 2, 3)) == 1)  # one pixel, moved whole
+    rows, cols = shifted[:, 0].nonzero()[:, 1], shifted[:, 0].nonzero()[:, 2]
+    assert set((rows - 3).tolist()) <= {-2, -1, 0, 1, 2} and len(set((cols - 4).tolist())) > 1
+    flipped = S.augment(x, hflip=True, vflip=False, shift=0, rotate=0.0)
+    assert set(flipped[:, 0, 3].argmax(1).tolist()) == {4, 3}  # column 4 or its mirror 8-1-4
+
+
+# ---- 4. networks -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,size,channels", [("lenet", 28, 1), ("vgg16", 28, 1), ("resnet18", 32, 3),
+                                                ("wrn-10-2", 32, 3)])
+def test_every_net_maps_a_batch_to_n_outputs_and_trains(name, size, channels):
+    """Networks of paper §4 accept 28x28 and 32x32 images and give finite gradients."""
+    net = S.make_net(name, channels, 7, size, dropout=0.3)
+    out = net(torch.randn(2, channels, size, size))
+    out.sum().backward()
+    assert out.shape == (2, 7) and all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+# ---- 5. K-Means++ and the cluster index ------------------------------------------------------------------
+def blobs(centres, n_per, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.as_tensor(centres, dtype=torch.float64)
+    x = centres.repeat_interleave(n_per, 0) + spread * torch.randn(len(centres) * n_per, centres.shape[1],
+                                                                     generator=g, dtype=torch.float64)
+    return x, torch.arange(len(centres)).repeat_interleave(n_per)
+
+
+def inertia(x, centroids, assign):
+    return ((x - centroids[assign]) ** 2).sum().item()
+
+
+def test_kmeanspp_recovers_well_separated_blobs_exactly():
+    """K-Means++: separated clusters are found exactly, up to a permutation of labels."""
+    x, truth = blobs([[0, 0], [10, 0], [0, 10], [10, 10], [5, 20]], 30, 0.5, 0)
+    for seed in range(5):
+        _, assign = S.kmeans_pp(x, 5, generator=torch.Generator().manual_seed(seed))
+        pairs = set(zip(truth.tolist(), assign.tolist()))
+        assert len(pairs) == 5 and len({a for _, a in pairs}) == 5
+
+
+def test_kmeanspp_beats_random_initialisation_on_overlapping_blobs():
+    """K-Means++ seeding (Arthur & Vassilvitskii 2007): lower mean inertia than Lloyd from random points."""
+    x, _ = blobs(torch.randn(12, 4, generator=torch.Generator().manual_seed(3)) * 3, 40, 1.0, 1)
+    pp, rand = [], []
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        pp.append(inertia(x, *S.kmeans_pp(x, 12, iters=3, generator=g)))
+        start = x[torch.randperm(len(x), generator=g)[:12]].clone()
+        rand.append(inertia(x, *S.lloyd(x, start, iters=3)))
+    assert np.mean(pp) < 0.9 * np.mean(rand), (np.mean(pp), np.mean(rand))
+
+
+def test_kmeanspp_plain_seeding_draws_proportional_to_squared_distance():
+    """D² seeding: with one candidate, the second centre is drawn with p ∝ D² to the first (exact probabilities
+    on 4 points, 6000 draws; a chi-square bound far above chance yet far below a uniform draw's statistic)."""
+    x = torch.tensor([[0.0], [1.0], [3.0], [7.0]], dtype=torch.float64)
+    counts = np.zeros((4, 4))
+    for seed in range(6000):
+        first, second = S.kmeanspp_seed(x, 2, candidates=1, generator=torch.Generator().manual_seed(seed)).tolist()
+        counts[first, second] += 1
+    expected = np.zeros((4, 4))
+    for i in range(4):
+        d2 = ((x - x[i]) ** 2).flatten().numpy()
+        expected[i] = 0.25 * 6000 * d2 / d2.sum()
+    mask = expected > 0
+    assert counts[~mask].sum() == 0  # never the first centre again
+    chi2 = (((counts - expected) ** 2)[mask] / expected[mask]).sum()
+    uniform = np.where(mask, 6000 / 12, 0)
+    chi2_uniform = (((uniform - expected) ** 2)[mask] / expected[mask]).sum()
+    assert chi2 < 40 and chi2_uniform > 400, (chi2, chi2_uniform)  # 11 dof: P(chi2 > 40) < 1e-4
+
+
+def test_kmeanspp_never_picks_a_point_twice_even_with_duplicates():
+    x = torch.tensor([[0.0, 0], [0, 0], [0, 0], [1, 1], [1, 1], [5, 5]])
+    for seed in range(20):
+        idx = S.kmeanspp_seed(x, 3, generator=torch.Generator().manual_seed(seed))
+        assert len({tuple(x[i].tolist()) for i in idx.tolist()}) == 3
+
+
+def test_kmeanspp_result_is_a_lloyd_fixed_point_and_deterministic():
+    """Lloyd: each point goes to its nearest centroid and each centroid is its members' mean (brute force);
+    the same generator seed gives the same clustering."""
+    x, _ = blobs(torch.randn(6, 3, generator=torch.Generator().manual_seed(5)) * 2, 25, 1.0, 2)
+    c, a = S.kmeans_pp(x, 6, iters=100, generator=torch.Generator().manual_seed(1))
+    for i in range(len(x)):
+        assert a[i] == min(range(6), key=lambda j: ((x[i] - c[j]) ** 2).sum().item())
+    for j in range(6):
+        assert torch.allclose(c[j], x[a == j].mean(0))
+    c2, a2 = S.kmeans_pp(x, 6, iters=100, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, a2) and torch.equal(c, c2)
+
+
+def test_lloyd_reseeds_an_empty_cluster():
+    x = torch.tensor([[0.0], [0.1], [10.0], [10.1]])
+    centroids, assign = S.lloyd(x, torch.tensor([[0.05], [100.0]]), iters=5)  # the 2nd starts far from all
+    assert torch.bincount(assign, minlength=2).min() > 0
+
+
+def test_build_cluster_index_clusters_within_each_class():
+    """Paper §3.1: K-Means++ per class -> C*K clusters, every cluster holding one class only."""
+    x, labels = blobs([[0, 0], [0.3, 0], [10, 0]], 20, 1.0, 0)
+    labels = labels % 2  # two classes, one spread over two blobs
+    assign, centroids, cluster_class = S.build_cluster_index(x, labels, 3, generator=torch.Generator().manual_seed(0))
+    assert centroids.shape == (6, 2) and cluster_class.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(cluster_class[assign], labels)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: S.kmeans_pp(torch.randn(3, 2), 4), "k=4 for N=3"),
+    (lambda: S.kmeans_pp(torch.randn(3), 1), r"\(N, d\)"),
+    (lambda: S.build_cluster_index(torch.randn(10, 2), torch.tensor([0] * 8 + [1] * 2), 3), "class 1 has 2"),
+    (lambda: S.build_cluster_index(torch.randn(10, 2), torch.zeros(9, dtype=torch.long), 2), "labels"),
+    (lambda: S.magnet_loss(torch.randn(4, 2), torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long)),
+     "classes"),
+    (lambda: S.spld_select(torch.rand(4), torch.zeros(5, dtype=torch.long), 1.0, 1.0), "groups"),
+])
+def test_bad_input_raises_value_error_naming_the_problem(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---- 6. Magnet Loss and neighbourhood sampling -----------------------------------------------------------
+def magnet_loss_reference(r, classes, clusters, alpha):
+    """Eq. 1 written out with loops and plain floats (NOTES §1)."""
+    r = r.tolist()
+    ids = sorted(set(clusters.tolist()))
+    mu = {m: [sum(r[b][j] for b in range(len(r)) if clusters[b] == m) / int((clusters == m).sum())
+              for j in range(len(r[0]))] for m in ids}
+    cls = {m: int(classes[clusters == m][0]) for m in ids}
+    sq = lambda u, v: sum((a - b) ** 2 for a, b in zip(u, v))
+    var = sum(sq(r[b], mu[int(clusters[b])]) for b in range(len(r))) / (len(r) - 1)
+    losses = []
+    for b in range(len(r)):
+        own = sq(r[b], mu[int(clusters[b])])
+        den = sum(math.exp(-sq(r[b], mu[m]) / (2 * var)) for m in ids if cls[m] != int(classes[b]))
+        losses.append(max(0.0, own / (2 * var) + alpha + math.log(den)))
+    return sum(losses) / len(losses), losses, var
+
+
+def magnet_batch(m, d, dim, n_classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    clusters = torch.arange(m).repeat_interleave(d)
+    classes = (torch.arange(m) % n_classes).repeat_interleave(d)  # several clusters per class when m > C
+    r = torch.randn(m * d, dim, generator=g, dtype=torch.float64) + 2 * torch.randn(m, dim, generator=g,
+                                                                                     dtype=torch.float64)[clusters]
+    return r, classes, clusters * 7 + 3  # cluster ids need not be 0..M-1
+
+
+@pytest.mark.parametrize("m,d,dim,n_classes,alpha", [(2, 3, 2, 2, 1.0), (4, 4, 5, 2, 0.5), (8, 8, 3, 5, 1.0),
+                                                     (5, 2, 4, 3, 2.0)])
+def test_magnet_loss_matches_naive_loop(m, d, dim, n_classes, alpha):
+    """Eq. 1: σ² (not σ⁴), denominator over other classes' clusters only, hinge, mean."""
+    r, classes, clusters = magnet_batch(m, d, dim, n_classes, seed=m * 10 + d)
+    loss, per, var = S.magnet_loss(r, classes, clusters, alpha)
+    ref_loss, ref_per, ref_var = magnet_loss_reference(r, classes, clusters, alpha)
+    assert math.isclose(loss.item(), ref_loss, rel_tol=1e-10)
+    assert np.allclose(per.numpy(), ref_per, rtol=1e-10, atol=1e-12)
+    assert math.isclose(var.item(), ref_var, rel_tol=1e-12)
+    assert (per == 0).any() or (per > 0).all()  # hinge is applied per example
+
+
+def test_magnet_loss_is_invariant_to_scaling_the_embedding():
+    """NOTES §1: with σ² (not σ⁴) in Eq. 1 the loss does not change when r is scaled."""
+    r, classes, clusters = magnet_batch(6, 4, 3, 3, seed=1)
+    base = S.magnet_loss(r, classes, clusters)[0]
+    for scale in (0.01, 100.0):
+        assert math.isclose(S.magnet_loss(r * scale, classes, clusters)[0].item(), base.item(), rel_tol=1e-9)
+
+
+def test_magnet_loss_gradients_pass_gradcheck():
+    """Gradients flow through μ and σ² (autograd vs finite differences, float64)."""
+    r, classes, clusters = magnet_batch(3, 3, 2, 2, seed=4)
+    r.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: S.magnet_loss(x, classes, clusters, 3.0)[0], (r,))
+
+
+def toy_index(n_classes=3, k=3, per_cluster=5, seed=0):
+    """An index with known geometry: centroids on a line, members around them."""
+    g = torch.Generator().manual_seed(seed)
+    centroids = torch.randn(n_classes * k, 2, generator=g) * 5  # (C*K, 2)
+    cluster_class = torch.arange(n_classes).repeat_interleave(k)
+    assign = torch.arange(n_classes * k).repeat_interleave(per_cluster)[torch.randperm(n_classes * k * per_cluster,
+                                                                                         generator=g)]
+    return assign, centroids, cluster_class
+
+
+def test_sampler_impostors_are_the_nearest_other_class_clusters():
+    """Alg. 1: the M−1 impostors are exactly the nearest clusters (by centroid) of other classes."""
+    assign, centroids, cluster_class = toy_index()
+    sampler = S.NeighbourhoodSampler(assign, centroids, cluster_class)
+    for seed in range(30):
+        idx, ids = sampler.sample(4, 3, torch.Generator().manual_seed(seed))
+        chosen = ids[::3].tolist()
+        seed_c = chosen[0]
+        others = [c for c in range(9) if cluster_class[c] != cluster_class[seed_c]]
+        nearest = sorted(others, key=lambda c: ((centroids[c] - centroids[seed_c]) ** 2).sum().item())[:3]
+        assert sorted(chosen[1:]) == sorted(nearest)
+        assert all(cluster_class[c] != cluster_class[seed_c] for c in chosen[1:])
+        assert torch.equal(assign[idx], ids)  # each example comes from its batch cluster
+        for j in range(4):  # D distinct examples when the cluster has at least D
+            assert len(set(idx[3 * j:3 * j + 3].tolist())) == 3
+
+
+def test_sampler_seed_frequencies_follow_cluster_losses():
+    """Alg. 1: I_1 ~ p_I ∝ cluster loss = mean recorded loss of its members (4000 draws, chi-square bound)."""
+    assign, centroids, cluster_class = toy_index()
+    sampler = S.NeighbourhoodSampler(assign, centroids, cluster_class)
+    losses = torch.linspace(0.0, 2.0, 9)[assign]  # cluster c has loss 2c/8; cluster 0 has zero
+    sampler.record(torch.arange(len(assign)), losses)
+    assert torch.allclose(sampler.cluster_loss, torch.linspace(0.0, 2.0, 9, dtype=torch.float64))
+    counts = np.zeros(9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4000):
+        counts[int(sampler.sample(2, 1, g)[1][0])] += 1
+    expected = 4000 * np.linspace(0, 2, 9) / np.linspace(0, 2, 9).sum()
+    assert counts[0] == 0
+    chi2 = ((counts[1:] - expected[1:]) ** 2 / expected[1:]).sum()
+    assert chi2 < 30, chi2  # 7 dof: P(chi2 > 30) < 1e-4; a uniform draw scores ~ 700
+
+
+def test_sampler_draws_uniformly_before_any_loss_and_reindex_recomputes_cluster_losses():
+    """NOTES §2: uniform before any loss; after a refresh, cluster losses follow the new assignment."""
+    assign, centroids, cluster_class = toy_index(n_classes=2, k=2)
+    sampler = S.NeighbourhoodSampler(assign, centroids, cluster_class)
+    assert torch.all(sampler.cluster_loss == sampler.cluster_loss[0])
+    example = torch.arange(len(assign), dtype=torch.float64)
+    sampler.record(torch.arange(len(assign)), example)
+    new_assign = torch.arange(len(assign)) % 4  # a refreshed clustering
+    sampler.reindex(new_assign, centroids, cluster_class)
+    expected = [example[new_assign == c].mean().item() for c in range(4)]
+    assert np.allclose(sampler.cluster_loss.numpy(), expected)
+
+
+def test_sampler_refuses_more_clusters_than_impostors_exist():
+    assign, centroids, cluster_class = toy_index(n_classes=2, k=2)
+    with pytest.raises(ValueError, match="impostor"):
+        S.NeighbourhoodSampler(assign, centroids, cluster_class).sample(4, 2)
+
+
+def test_magnet_predict_matches_naive_soft_vote():
+    """NOTES §2: c* = argmax_c Σ over the L nearest centres of class c of exp(−‖r−μ‖²/(2σ̄²))."""
+    g = torch.Generator().manual_seed(0)
+    emb, centroids = torch.randn(40, 3, generator=g, dtype=torch.float64), torch.randn(12, 3, generator=g,
+                                                                                       dtype=torch.float64)
+    cluster_class = torch.tensor([0, 1, 2] * 4)
+    predicted = S.magnet_predict(emb, centroids, cluster_class, 0.7, 5)
+    for b in range(40):
+        d2 = ((centroids - emb[b]) ** 2).sum(1)
+        votes = [0.0, 0.0, 0.0]
+        for j in d2.argsort()[:5].tolist():
+            votes[int(cluster_class[j])] += math.exp(-d2[j].item() / 1.4)
+        assert predicted[b] == int(np.argmax(votes))
+
+
+# ---- 7. SPLD selector ------------------------------------------------------------------------------------
+def spld_objective(losses, groups, w, lam, gamma):
+    """Eq. 2's objective for a binary W: Σ W_i L_i − λ Σ W_i − γ Σ_k ‖W^k‖₂."""
+    total = sum(wi * li for wi, li in zip(w, losses)) - lam * sum(w)
+    return total - gamma * sum(math.sqrt(sum(wi for wi, gi in zip(w, groups) if gi == k)) for k in set(groups))
+
+
+def test_spld_select_gives_the_global_optimum_of_eq2_by_enumeration():
+    """Alg. 2 steps 7-13 / Eq. 2: the closed form's W attains the minimum over all 2^N binary W."""
+    rng = np.random.default_rng(0)
+    for case in range(60):
+        n = int(rng.integers(1, 13))
+        losses = rng.exponential(1.0, n)
+        groups = rng.integers(0, int(rng.integers(1, 5)), n)
+        lam, gamma = float(rng.uniform(0, 1.5)), float(rng.uniform(0, 1.5))
+        w = S.spld_select(torch.tensor(losses), torch.tensor(groups), lam, gamma).int().tolist()
+        best = min(spld_objective(losses, groups, v, lam, gamma) for v in itertools.product((0, 1), repeat=n))
+        assert math.isclose(spld_objective(losses, groups, w, lam, gamma), best, abs_tol=1e-9), case
+
+
+def test_spld_select_matches_the_per_group_rank_rule_loop():
+    """The vectorised rule equals a per-group loop over ranks (N = 500, 17 groups, ties included)."""
+    g = torch.Generator().manual_seed(1)
+    losses = torch.rand(500, generator=g).mul(10).round().div(10)  # ties
+    groups = torch.randint(0, 17, (500,), generator=g)
+    mask = S.spld_select(losses, groups, 0.3, 0.8)
+    expected = torch.zeros(500, dtype=torch.bool)
+    for k in range(17):
+        members = (groups == k).nonzero().flatten()
+        for rank, i in enumerate(members[torch.argsort(losses[members], stable=True)].tolist(), start=1):
+            expected[i] = losses[i] < 0.3 + 0.8 / (math.sqrt(rank) + math.sqrt(rank - 1))
+    assert torch.equal(mask, expected)
+
+
+def test_spld_pace_quantile_selects_f_t_by_easiness_and_grows():
+    """NOTES §3 quantile pace: with γ = 0, W keeps f_t = f0 (1+β1)^t of the samples; λ and γ grow with t."""
+    losses = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    groups = torch.zeros(1000, dtype=torch.long)
+    fractions, lams = [], []
+    for t in range(8):
+        lam, gamma = S.spld_pace(losses, t, "quantile", 0.3, 0.0, 0.2, 0.1)
+        fractions.append(S.spld_select(losses, groups, lam, gamma).double().mean().item())
+        lams.append(lam)
+    assert np.allclose(fractions, [min(1.0, 0.3 * 1.2 ** t) for t in range(8)], atol=2e-3)
+    assert all(a < b for a, b in zip(lams, lams[1:]))
+    lam0, gamma0 = S.spld_pace(losses, 0, "quantile", 0.3, 0.5, 0.2, 0.1)
+    assert math.isclose(gamma0, 0.5 * lam0)
+    assert S.spld_pace(losses, 3, "absolute", 0.3, 0.5, 0.2, 0.1, lam0, gamma0) == pytest.approx(
+        (lam0 * 1.2 ** 3, gamma0 * 1.1 ** 3))
