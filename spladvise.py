@@ -58,6 +58,7 @@ import signal
 import sys
 import time
 import traceback
+import typing
 import zlib
 from dataclasses import dataclass
 
@@ -74,7 +75,7 @@ class Config:
     # run
     dataset: str = "fashionmnist"  # fashionmnist | mnist | svhn | cifar10 | cifar100
     sampler: str = "spladvise"  # spladvise | spld | spl | random (paper §4)
-    preset: str = "auto"  # paper | cpu | auto (paper on CUDA, cpu otherwise); fills fields left at 0 / ""
+    preset: str = "auto"  # paper | cpu | auto (paper on CUDA, cpu otherwise); fills the fields left unset (None)
     seed: int = 0  # embedding process uses seed + 1
     runs: int = 1  # seeds seed .. seed+runs-1, each under OUT/seed-S, plus OUT/aggregate.json
     gpu: str = "auto"  # CUDA index, -1 = CPU, auto = cuda:0 when available
@@ -91,24 +92,24 @@ class Config:
     train_size: int = 0  # class-balanced subset of the training set; 0 = all
     test_size: int = 0  # class-balanced subset of the test set; 0 = all
     val_size: int = 0  # class-balanced validation split held out of the training set; replaces test when > 0
-    augment: str = ""  # e.g. "hflip,vflip,shift=2,rotate=10" or "none"; "" = preset (paper §4)
+    augment: str | None = None  # e.g. "hflip,vflip,shift=2,rotate=10" or "none" (paper §4)
     # student (Alg. 2)
-    student: str = ""  # lenet | resnet18 | wrn-16-8 | wrn-28-10 | vgg16
-    dropout: float = -1.0  # student dropout; -1 = preset (WRN 0.3 / 0.4, paper §4)
-    epochs: float = 0.0  # budget in epochs of the training set, converted to updates
-    updates: int = 0  # budget in mini-batch updates (wins over epochs)
-    batch_size: int = 0  # student mini-batch
-    lr: float = 0.0  # student SGD learning rate
+    student: str | None = None  # lenet | resnet18 | wrn-16-8 | wrn-28-10 | vgg16
+    dropout: float | None = None  # student dropout (WRN 0.3 / 0.4, paper §4)
+    epochs: float | None = None  # budget in epochs of the training set, converted to updates
+    updates: int | None = None  # budget in mini-batch updates (wins over epochs)
+    batch_size: int | None = None  # student mini-batch
+    lr: float | None = None  # student SGD learning rate
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # Nesterov momentum (paper §4)
     weight_decay: float = 5e-4  # SGD weight decay
-    milestones: str = ""  # fractions of the budget where lr *= lr_decay, e.g. "0.3,0.6,0.8"; "none"
+    milestones: str | None = None  # fractions of the budget where lr *= lr_decay, e.g. "0.3,0.6,0.8"; "none"
     lr_decay: float = 0.1  # learning-rate factor at each milestone
     score_batch: int = 1024  # batch of the scoring and evaluation passes (no grad)
     # embedding (Alg. 1)
-    embed_net: str = ""  # lenet | vgg16 | resnet18 | wrn-16-8 | wrn-28-10
+    embed_net: str | None = None  # lenet | vgg16 | resnet18 | wrn-16-8 | wrn-28-10
     embed_mode: str = "process"  # process (parallel child, Alg. 2 step 2) | inline (deterministic)
-    embed_dim: int = 64  # d, embedding width
+    embed_dim: int | None = None  # d, embedding width (64; cpu preset 32)
     embed_lr: float = 1e-4  # Adam learning rate of the embedding net (paper §4)
     k: int = 8  # K, K-Means++ clusters per class
     m: int = 8  # M, clusters per magnet batch
@@ -1301,7 +1302,8 @@ def parse_args(argv: list[str] | None) -> Config:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=helps.get(f.name))
         else:
-            parser.add_argument(*names, type=f.type, default=f.default, help=helps.get(f.name))
+            kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))  # str | None -> str
+            parser.add_argument(*names, type=kind, default=f.default, help=helps.get(f.name))
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -1328,13 +1330,11 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"--dataset {cfg.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
     preset = cfg.preset if cfg.preset != "auto" else ("paper" if gpu.startswith("cuda") else "cpu")
-    defaults = {k: v for k, v in PRESETS[preset][cfg.dataset].items()
-                if getattr(cfg, k) in (0, "", -1.0) and not (k == "updates" and cfg.epochs)}
-    if cfg.updates or cfg.epochs:
-        defaults.pop("epochs", None)
+    budget_given = cfg.updates is not None or cfg.epochs is not None
+    defaults = {k: v for k, v in {"embed_dim": 64, "updates": 0, "epochs": 0, **PRESETS[preset][cfg.dataset]}.items()
+                if getattr(cfg, k) is None and not (budget_given and k in ("updates", "epochs"))}
     cfg = dataclasses.replace(cfg, gpu=gpu, embed_gpu=embed_gpu, preset=preset, **defaults)
-    if cfg.embed_dim == 0:
-        cfg = dataclasses.replace(cfg, embed_dim=64)
+    cfg = dataclasses.replace(cfg, updates=cfg.updates or 0, epochs=cfg.epochs or 0.0)
     for name, choices in CHOICES.items():
         value = getattr(cfg, name)
         if value not in choices and not (name in ("student", "embed_net") and re.fullmatch(r"wrn-\d+-\d+", value)
@@ -1395,9 +1395,10 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 a failure during training (its cause printed), 2 bad input, 128 + signal number
     when stopped by SIGINT / SIGTERM after a clean checkpoint."""
     received = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: received.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     stop_requested = lambda: bool(received)
+    cfg = Config()
     try:
         cfg = resolve_config(parse_args(argv))
         print("[config] " + json.dumps(dataclasses.asdict(cfg)), flush=True)
@@ -1419,6 +1420,9 @@ def main(argv: list[str] | None = None) -> int:
                 if os.path.exists(ckpt) else "no checkpoint was written yet")
         print(f"error: {e}; {last}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if received:
         ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
         print(f"[student] stopped by {signal.Signals(received[0]).name}; resume with the same flags and --resume "

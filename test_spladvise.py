@@ -439,3 +439,259 @@ def test_spld_pace_quantile_selects_f_t_by_easiness_and_grows():
     assert math.isclose(gamma0, 0.5 * lam0)
     assert S.spld_pace(losses, 3, "absolute", 0.3, 0.5, 0.2, 0.1, lam0, gamma0) == pytest.approx(
         (lam0 * 1.2 ** 3, gamma0 * 1.1 ** 3))
+
+
+# ---- 9-10. the training system, end to end on real Fashion-MNIST -----------------------------------------
+@needs_fmnist
+def test_process_mode_trains_while_the_embedding_child_publishes_new_indexes(tmp_path):
+    """Alg. 2 step 2: the child trains in parallel and publishes indexes; the student reads several versions;
+    outputs are well formed; accuracy is far above chance (10 %); the child is gone afterwards."""
+    out = tmp_path / "run"
+    r = cli(TINY + ["--updates", "80", "--refresh", "3"], out)
+    assert r.returncode == 0, r.stderr
+    metrics = read_metrics(out)
+    versions = [m["embed_version"] for m in metrics if m["embed_version"] is not None]
+    assert len(set(versions)) >= 2 and max(versions) >= 2, versions
+    keys = {"updates", "epoch", "train_loss", "test_acc", "selected_frac", "clusters_used", "embed_version",
+            "embed_acc", "wall_s", "t_train", "t_score", "t_select"}
+    assert all(keys <= set(m) for m in metrics)
+    assert [m["updates"] for m in metrics] == sorted({m["updates"] for m in metrics}) and metrics[-1]["updates"] == 80
+    assert metrics[0]["selected_frac"] == 1.0 and min(m["selected_frac"] for m in metrics) < 1.0
+    summary = json.load(open(out / "summary.json"))
+    assert summary["updates"] == 80 and summary["complete"] and summary["final_acc"] > 0.4
+    assert json.load(open(out / "config.json"))["sampler"] == "spladvise"
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["state"]["updates"] == 80 and ckpt["embedding"]["net"] and ckpt["index"]["assign"].shape == (600,)
+    pid = int(r.stdout.split("[embedding] pid=")[1].split()[0])
+    assert not pid_alive(pid)
+
+
+def comparable(metrics):
+    return [{k: v for k, v in m.items() if k != "wall_s" and not k.startswith("t_")} for m in metrics]
+
+
+@needs_fmnist
+def test_inline_mode_with_one_seed_gives_identical_metrics(tmp_path):
+    """Determinism: --embed-mode inline, same seed -> byte-identical metrics.jsonl apart from wall-clock fields."""
+    runs = [cli(TINY + ["--updates", "30", "--embed-mode", "inline", "--refresh", "3"], tmp_path / f"r{i}")
+            for i in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    a, b = read_metrics(tmp_path / "r0"), read_metrics(tmp_path / "r1")
+    assert comparable(a) == comparable(b) and len(a) >= 3 and len({m["embed_version"] for m in a}) >= 2
+
+
+@needs_fmnist
+@pytest.mark.parametrize("sampler", ["spld", "spl", "random"])
+def test_each_baseline_sampler_runs(tmp_path, sampler):
+    """§4 baselines: SPLD's pixel clusters are fixed once (the index never changes), SPL uses one group, Random
+    trains on every sample every pass."""
+    out = tmp_path / sampler
+    r = cli(TINY + ["--updates", "30", "--sampler", sampler], out)
+    assert r.returncode == 0, r.stderr
+    later = read_metrics(out)[1:]
+    assert later and read_metrics(out)[-1]["updates"] == 30
+    if sampler == "spld":
+        assert {m["embed_version"] for m in read_metrics(out)} == {0}
+        cfg = S.resolve_config(S.parse_args(TINY + ["--updates", "30", "--sampler", "spld"]))
+        fixed = S.fixed_pixel_clusters(S.prepare_data(cfg, torch.device("cpu")), cfg.k, cfg.kmeans_iters, cfg.seed)
+        assert torch.equal(torch.load(out / "ckpt.pt", weights_only=False)["index"]["assign"], fixed)
+        assert all(m["clusters_used"] > 1 for m in later)
+    if sampler == "spl":
+        assert all(m["clusters_used"] == 1 for m in later)
+    if sampler == "random":
+        assert all(m["selected_frac"] == 1.0 and m["t_score"] == 0 for m in read_metrics(out))
+
+
+@needs_fmnist
+def test_max_minutes_stops_cleanly_and_resume_finishes_the_same_budget(tmp_path):
+    """--max-minutes ends with a checkpoint and summary; --resume continues to the same number of updates as an
+    uninterrupted run."""
+    out = tmp_path / "run"
+    args = TINY + ["--updates", "300", "--sampler", "random"]  # about 15 s of updates on 2 cores
+    first = cli(args + ["--max-minutes", "0.1"], out)
+    assert first.returncode == 0, first.stderr
+    stopped = json.load(open(out / "summary.json"))
+    assert not stopped["complete"] and 0 < stopped["updates"] < 300 and stopped["wall_s"] < 6 + 3
+    resumed = cli(args + ["--resume"], out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.load(open(out / "summary.json"))["updates"] == 300
+    updates = [m["updates"] for m in read_metrics(out)]
+    assert updates == sorted(set(updates)) and updates[-1] == 300
+
+
+@needs_fmnist
+def test_runs_writes_mean_and_std_of_the_per_seed_summaries(tmp_path):
+    """--runs 2: OUT/seed-S per seed and aggregate.json with mean and sample std computed from their files."""
+    out = tmp_path / "multi"
+    r = cli(TINY + ["--updates", "20", "--sampler", "random", "--runs", "2", "--seed", "5"], out)
+    assert r.returncode == 0, r.stderr
+    agg = json.load(open(out / "aggregate.json"))
+    finals = [json.load(open(out / f"seed-{s}" / "summary.json"))["final_acc"] for s in (5, 6)]
+    assert agg["final_acc"]["mean"] == pytest.approx(np.mean(finals))
+    assert agg["final_acc"]["std"] == pytest.approx(np.std(finals, ddof=1)) and agg["final_acc"]["n"] == 2
+    last = [read_metrics(out / f"seed-{s}")[-1]["test_acc"] for s in (5, 6)]
+    assert agg["curve"]["updates"][-1] == 20 and agg["curve"]["test_acc_mean"][-1] == pytest.approx(np.mean(last))
+
+
+# ---- reliability: every failure ends cleanly, loses nothing, says what happened -------------------------
+@needs_fmnist
+def test_embedding_child_that_raises_stops_the_run_with_its_message(tmp_path):
+    """A non-finite Magnet Loss (huge embedding lr) raises inside the child: the student notices, keeps a loadable
+    checkpoint, prints the child's exception and exits non-zero within 60 s."""
+    out = tmp_path / "run"
+    t0 = time.time()
+    r = cli(TINY + ["--updates", "2000", "--embed-lr", "1e30"], out, timeout=120)
+    assert time.time() - t0 < 60 and r.returncode == 1, r.stderr
+    assert "non-finite loss in the embedding network" in r.stderr and "Traceback" in r.stderr  # the child's
+    assert "last good checkpoint" in r.stderr.splitlines()[-1]
+    assert torch.load(out / "ckpt.pt", weights_only=False)["state"]["updates"] > 0
+
+
+@needs_fmnist
+def test_sigkilled_embedding_child_is_noticed_within_seconds(tmp_path):
+    """The student checks the child's liveness every 2 s: a SIGKILLed child ends the run (exit 1) naming the
+    signal, with a loadable checkpoint."""
+    out = tmp_path / "run"
+    proc = start(TINY + ["--updates", "5000"], out)
+    pid = int(wait_for_line(proc, "[embedding] pid=", 60).split("pid=")[1].split()[0])
+    wait_for_line(proc, "pass=2", 60)
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    assert proc.wait(60) == 1
+    assert time.time() - t0 < 15
+    assert "SIGKILL" in proc.stderr.read()
+    assert torch.load(out / "ckpt.pt", weights_only=False)["state"]["updates"] > 0
+
+
+@needs_fmnist
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_sigint_and_sigterm_stop_both_processes_and_resume_continues(tmp_path, sig, code):
+    """Ctrl-C / SIGTERM to the main process: both processes exit within 10 s, exit code 128 + signal, the
+    checkpoint holds the last pass, and --resume finishes the budget."""
+    out = tmp_path / "run"
+    args = TINY + ["--updates", "60"]
+    proc = start(args, out)
+    pid = int(wait_for_line(proc, "[embedding] pid=", 60).split("pid=")[1].split()[0])
+    wait_for_line(proc, "pass=2", 60)
+    proc.send_signal(sig)
+    t0 = time.time()
+    assert proc.wait(10) == code
+    while pid_alive(pid) and time.time() - t0 < 10:
+        time.sleep(0.1)
+    assert not pid_alive(pid) and time.time() - t0 < 10
+    stopped = torch.load(out / "ckpt.pt", weights_only=False)["state"]["updates"]
+    assert 0 < stopped < 60
+    resumed = cli(args + ["--resume"], out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.load(open(out / "summary.json"))["updates"] == 60
+
+
+@needs_fmnist
+def test_sigkill_of_main_at_any_moment_then_resume_loses_and_duplicates_nothing(tmp_path):
+    """Atomic checkpoints: SIGKILL during a checkpoint write (SPLADVISE_SLOW_CHECKPOINT widens the window) and
+    right after a metrics line; each time ckpt.pt stays a complete one, and the resumed run reaches the same
+    total with no duplicate or torn metrics line."""
+    out = tmp_path / "run"
+    args = TINY + ["--updates", "40", "--embed-mode", "inline"]
+    proc = start(args, out, env={"SPLADVISE_SLOW_CHECKPOINT": "1.0"})
+    wait_for_line(proc, "pass=2", 60)  # printed after its metrics line, before its checkpoint is renamed
+    time.sleep(0.3)
+    assert any(".tmp" in f for f in os.listdir(out))  # the kill lands inside the checkpoint write
+    proc.kill()
+    proc.wait()
+    assert torch.load(out / "ckpt.pt", weights_only=False)["state"]["passes"] == 1
+    for moment in (0.0, 0.7):  # resume, then kill again at another moment
+        proc = start(args + ["--resume"], out, env={"SPLADVISE_SLOW_CHECKPOINT": "1.0"})
+        wait_for_line(proc, "pass=", 60)
+        time.sleep(moment)
+        proc.kill()
+        proc.wait()
+        torch.load(out / "ckpt.pt", weights_only=False)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"updates": 99, "torn')  # a line cut by a kill mid-write
+    final = cli(args + ["--resume"], out)
+    assert final.returncode == 0, final.stderr
+    updates = [m["updates"] for m in read_metrics(out)]
+    assert updates == sorted(set(updates)) and updates[-1] == 40
+
+
+@needs_fmnist
+def test_orphaned_child_exits_when_the_main_process_is_sigkilled(tmp_path):
+    """The child polls its parent: after a SIGKILL of the main process it exits on its own within seconds."""
+    proc = start(TINY + ["--updates", "5000"], tmp_path / "run")
+    pid = int(wait_for_line(proc, "[embedding] pid=", 60).split("pid=")[1].split()[0])
+    wait_for_line(proc, "pass=1", 60)
+    proc.kill()
+    proc.wait()
+    t0 = time.time()
+    while pid_alive(pid) and time.time() - t0 < 15:
+        time.sleep(0.1)
+    assert not pid_alive(pid), "the embedding child outlived its parent"
+
+
+@needs_fmnist
+def test_non_finite_student_loss_stops_at_that_update_and_keeps_the_good_checkpoint(tmp_path):
+    """A learning rate made huge mid-run (a milestone with decay 1e9) makes the student diverge: exit 1, the message
+    names the student network, the update and the last good checkpoint, which nothing overwrote."""
+    out = tmp_path / "run"
+    r = cli(TINY + ["--updates", "60", "--embed-mode", "inline", "--sampler", "random", "--milestones", "0.5",
+                    "--lr-decay", "1e9"], out)
+    assert r.returncode == 1, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "student network at update" in line and "last good checkpoint" in line and "Traceback" not in r.stderr
+    bad_update = int(line.split("at update ")[1].split(";")[0])
+    good = torch.load(out / "ckpt.pt", weights_only=False)["state"]["updates"]
+    assert 30 <= bad_update and good < bad_update and f"(update {good})" in line
+    assert all(m["updates"] < bad_update for m in read_metrics(out))
+
+
+def run_main(argv, capsys):
+    code = S.main(argv)
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--dataset", "imagenet"], "'imagenet'"),
+    (["--student", "resnet50"], "'resnet50'"),
+    (["--embed-net", "alexnet"], "'alexnet'"),
+    (["--sampler", "greedy"], "'greedy'"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--lr", "-0.1"], "--lr must be positive"),
+    (["--train-size", "-5"], "--train-size must be >= 0"),
+    (["--gpu", "3"], "--gpu 3: no such CUDA device"),
+    (["--k", "100"], "--k 100 is larger than the smallest class"),
+    (["--m", "40"], "--m 40 exceeds"),
+    (["--batch-size", "1000"], "--batch-size 1000 is larger than the training set"),
+    (["--train-size", "70000"], "--train-size 70000 is larger"),
+    (["--resume"], "no checkpoint"),
+])
+def test_bad_input_exits_2_with_one_line_naming_the_value(tmp_path, capsys, extra, needle):
+    """Bad input: exit code 2 and one 'error:' line that names the bad value and the fix; no traceback."""
+    argv = [a for a in TINY if a not in ("/nonexistent",)]
+    argv[argv.index("--data-dir") + 1:argv.index("--data-dir") + 1] = [FMNIST if os.path.exists(FMNIST) else "x"]
+    code, err = run_main(argv + ["--updates", "5"] + extra + ["--out", str(tmp_path / "out")], capsys)
+    if not os.path.exists(FMNIST) and "larger" in needle:
+        pytest.skip("needs the real data")
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@needs_fmnist
+def test_resume_or_reuse_of_another_runs_folder_is_refused_naming_what_differs(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run_main(TINY + ["--updates", "5", "--embed-mode", "inline", "--out", out], capsys)[0] == 0
+    code, err = run_main(TINY + ["--updates", "5", "--embed-mode", "inline", "--student", "vgg16", "--resume",
+                                 "--out", out], capsys)
+    assert code == 2 and "student: 'lenet' there, 'vgg16' here" in err
+    code, err = run_main(TINY + ["--updates", "5", "--dataset", "mnist", "--out", out], capsys)
+    assert code == 2 and "dataset: 'fashionmnist' there, 'mnist' here" in err and "another --out" in err
+    code, err = run_main(TINY + ["--updates", "5", "--embed-mode", "inline", "--out", out], capsys)
+    assert code == 2 and "--resume" in err
+
+
+def test_corrupt_data_file_exits_2_naming_the_file(tmp_path, capsys):
+    write_tiny_idx_set(tmp_path / "d")
+    (tmp_path / "d" / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    code, err = run_main(["--gpu", "-1", "--data-dir", str(tmp_path / "d"), "--no-download", "--updates", "5",
+                          "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "t10k-images-idx3-ubyte.gz" in err and "Traceback" not in err
