@@ -80,7 +80,7 @@ class Config:
     runs: int = 1  # seeds seed .. seed+runs-1, each under OUT/seed-S, plus OUT/aggregate.json
     gpu: str = "auto"  # CUDA index, -1 = CPU, auto = cuda:0 when available
     embed_gpu: str = "same"  # device of the embedding process: same | CUDA index | -1
-    out: str = ""  # output folder; default runs/<dataset>-<sampler>-<seed>
+    out: str = ""  # output folder; default runs/<dataset>-<sampler>-<seed> (runs/bench-<dataset> for --bench)
     data_dir: str = "data"  # torchvision layout or raw idx .gz files
     download: bool = True  # try a torchvision download when no local copy is found
     resume: bool = False  # continue the run in OUT from OUT/ckpt.pt
@@ -88,9 +88,10 @@ class Config:
     deterministic: bool = False  # cuDNN deterministic kernels
     compile: bool = False  # torch.compile the student
     bench: bool = False  # run the sampler comparison of section 11 instead of one training run
+    bench_jobs: int = 1  # benchmark runs at a time (one process each)
     # data
-    train_size: int = 0  # class-balanced subset of the training set; 0 = all
-    test_size: int = 0  # class-balanced subset of the test set; 0 = all
+    train_size: int | None = None  # class-balanced subset of the training set; 0 = all (cpu preset 20000)
+    test_size: int | None = None  # class-balanced subset of the test set; 0 = all
     val_size: int = 0  # class-balanced validation split held out of the training set; replaces test when > 0
     augment: str | None = None  # e.g. "hflip,vflip,shift=2,rotate=10" or "none" (paper §4)
     # student (Alg. 2)
@@ -127,7 +128,8 @@ class Config:
 
     @property
     def run_dir(self) -> str:
-        return self.out or f"runs/{self.dataset}-{self.sampler}-{self.seed}"
+        return self.out or (f"runs/bench-{self.dataset}" if self.bench else
+                            f"runs/{self.dataset}-{self.sampler}-{self.seed}")
 
     @property
     def magnet_batch(self) -> int:
@@ -153,10 +155,11 @@ PRESETS = {
         "cifar100": dict(student="wrn-28-10", embed_net="vgg16", batch_size=128, lr=0.1, updates=78000,
                          augment="none", dropout=0.3, milestones="0.3,0.6,0.8"),
     },
-    "cpu": {name: dict(student="lenet", embed_net="lenet", batch_size=128, lr=0.01, epochs=6, dropout=0.0,
-                       augment="hflip,shift=2", milestones="0.7", embed_dim=32)
+    "cpu": {name: dict(student="lenet", embed_net="lenet", batch_size=128, lr=0.01, epochs=8, dropout=0.0,
+                       augment="hflip,shift=2", milestones="0.7", embed_dim=32, train_size=20000)
             for name in ("fashionmnist", "mnist", "svhn", "cifar10", "cifar100")},
 }
+BENCH_CPU = dict(train_size=5000, test_size=5000, epochs=10)  # ./run.sh bench on 2 cores: about 75 minutes
 
 
 # ---- 3. data ---------------------------------------------------------------------------------------------
@@ -1164,8 +1167,9 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
 
 # ---- 11. runs, seeds and benchmark -----------------------------------------------------------------------
 def curve_at(records: list[dict], grid: list[int]) -> list[float]:
-    """Test accuracy against updates, linearly interpolated at the grid's update counts."""
-    return np.interp(grid, [r["updates"] for r in records], [r["test_acc"] for r in records]).tolist()
+    """Test accuracy against updates, linearly interpolated at the grid's update counts (NaN before the first
+    evaluation: nothing was measured there)."""
+    return np.interp(grid, [r["updates"] for r in records], [r["test_acc"] for r in records], left=np.nan).tolist()
 
 
 def mean_std(values: list[float]) -> dict:
@@ -1188,17 +1192,14 @@ def aggregate_runs(run_dirs: list[str], n_points: int = 20) -> dict:
     return result
 
 
-def run_seeds(cfg: Config, stop_requested=lambda: False) -> dict:
-    """--runs N: seeds seed .. seed+N-1 one after the other under OUT/seed-S, then OUT/aggregate.json."""
-    dirs = []
-    for seed in range(cfg.seed, cfg.seed + cfg.runs):
-        run = dataclasses.replace(cfg, seed=seed, runs=1, out=os.path.join(cfg.run_dir, f"seed-{seed}"))
-        prepare_run_dir(run)
-        train(run, stop_requested)
-        if stop_requested():
-            return {}
-        dirs.append(run.run_dir)
-    result = aggregate_runs(dirs)
+def seed_runs(cfg: Config) -> list[Config]:
+    """--runs N: one Config per seed, seed .. seed+N-1, each under OUT/seed-S."""
+    return [dataclasses.replace(cfg, seed=seed, runs=1, out=os.path.join(cfg.run_dir, f"seed-{seed}"))
+            for seed in range(cfg.seed, cfg.seed + cfg.runs)]
+
+
+def write_aggregate(cfg: Config) -> dict:
+    result = aggregate_runs([run.run_dir for run in seed_runs(cfg)])
     with open(os.path.join(cfg.run_dir, "aggregate.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"[runs] {cfg.sampler}: final acc {result['final_acc']['mean']:.4f} ± {result['final_acc']['std']:.4f} "
@@ -1206,79 +1207,129 @@ def run_seeds(cfg: Config, stop_requested=lambda: False) -> dict:
     return result
 
 
+def config_argv(cfg: Config) -> list[str]:
+    """The flags that reproduce cfg exactly."""
+    argv = []
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        flag = f"--{f.name.replace('_', '-')}"
+        argv += ([flag if value else f"--no-{f.name.replace('_', '-')}"] if f.type is bool else [flag, str(value)])
+    return argv
+
+
+def run_parallel(runs: list[Config], jobs: int, stop_requested) -> None:
+    """Each run as its own spladvise.py process (log in OUT/log.txt), `jobs` at a time. A run that fails stops
+    the benchmark with its log's last line; a stop request is passed on as SIGTERM, so each run checkpoints."""
+    import subprocess
+    waiting, active = list(runs), []
+    while waiting or active:
+        while waiting and len(active) < jobs and not stop_requested():
+            run = waiting.pop(0)
+            os.makedirs(run.run_dir, exist_ok=True)
+            log = open(os.path.join(run.run_dir, "log.txt"), "w")
+            active.append((run, subprocess.Popen([sys.executable, os.path.abspath(__file__), *config_argv(run)],
+                                                 stdout=log, stderr=subprocess.STDOUT)))
+        for run, proc in list(active):
+            if stop_requested() and proc.poll() is None:
+                proc.terminate()
+            if proc.poll() is not None:
+                active.remove((run, proc))
+                if proc.returncode != 0 and not stop_requested():
+                    for _, other in active:
+                        other.terminate()
+                    last = open(os.path.join(run.run_dir, "log.txt")).read().strip().splitlines()[-1:]
+                    raise BenchmarkFailed(f"benchmark run {run.run_dir} failed (exit {proc.returncode}): {last}")
+        time.sleep(0.2)
+
+
+class BenchmarkFailed(Exception):
+    """A benchmark run exited with an error; the message holds the last line of its log."""
+
+
 # Pacing grid of ./run.sh bench (paper §4: "5 combinations, the best one"), fixed before any result was seen:
 # (f0, rho0, beta1 = beta2). SPL ignores rho0, so it runs the distinct (f0, beta) pairs only.
 PACE_GRID = [(0.5, 0.5, 0.1), (0.7, 0.5, 0.1), (0.3, 1.0, 0.2), (0.6, 0.25, 0.2)]
+SAMPLERS = ("random", "spladvise", "spld", "spl")
 
 
 def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
-    """The sampler comparison (README "Results"): pick each SPL sampler's pacing on a validation split held out
-    of the training set, then run every sampler with the same student, budget and seeds on the test set, plus one
-    spladvise run with the embedding inline to expose its cost. Prints a Markdown table; writes bench.json."""
+    """The sampler comparison of README "Results", in three phases, `bench_jobs` runs at a time:
+    1. pacing: each SPL sampler's PACE_GRID on a validation split held out of the training set (one seed);
+    2. final: every sampler with the same student, budget and seeds (--runs) on the test set;
+    3. overhead: random, spladvise and spladvise --embed-mode inline alone, one after the other, for the cost.
+    Prints Markdown tables; writes OUT/bench.json and OUT/bench.md."""
     root = cfg.run_dir
+    base = dataclasses.replace(cfg, bench=False, resume=False, runs=1)
     val_size = cfg.val_size or max(1000, (cfg.train_size or 60000) // 10)
-    chosen, grid_rows = {}, []
-    for sampler in ("spladvise", "spld", "spl"):
-        settings = list(dict.fromkeys((f0, 0.0 if sampler == "spl" else rho, b) for f0, rho, b in PACE_GRID))
-        scores = []
-        for f0, rho0, beta in settings:
-            run = dataclasses.replace(cfg, sampler=sampler, f0=f0, rho0=rho0, beta1=beta, beta2=beta, runs=1,
-                                      val_size=val_size, bench=False,
-                                      out=os.path.join(root, "grid", f"{sampler}-f{f0}-r{rho0}-b{beta}"))
-            prepare_run_dir(run)
-            scores.append(train(run, stop_requested)["final_acc"])
-            grid_rows.append(f"| {sampler} | {f0} | {rho0} | {beta} | {scores[-1]:.4f} |")
-            if stop_requested():
-                return {}
-        chosen[sampler] = settings[int(np.argmax(scores))]
-    print("\nPacing grid (validation accuracy, one seed):\n| sampler | f0 | rho0 | beta1=beta2 | val acc |\n"
-          "|---|---|---|---|---|\n" + "\n".join(grid_rows), flush=True)
-    results = {}
-    for sampler, mode in (("random", "process"), ("spladvise", "process"), ("spld", "process"), ("spl", "process"),
-                          ("spladvise", "inline")):
-        f0, rho0, beta = chosen.get(sampler, (cfg.f0, cfg.rho0, cfg.beta1))
-        name = sampler if mode == "process" else "spladvise-inline"
-        run = dataclasses.replace(cfg, sampler=sampler, embed_mode=mode, f0=f0, rho0=rho0, beta1=beta, beta2=beta,
-                                  runs=cfg.runs if mode == "process" else 1, bench=False,
-                                  out=os.path.join(root, name))
-        results[name] = run_seeds(run, stop_requested)
-        if stop_requested():
-            return {}
-        results[name]["metrics"] = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in results[name]["runs"]]
-    table = bench_table(results)
-    print("\n" + table, flush=True)
+    grid = {(sampler, setting): dataclasses.replace(
+        base, sampler=sampler, f0=setting[0], rho0=setting[1], beta1=setting[2], beta2=setting[2],
+        val_size=val_size, out=os.path.join(root, "pacing", f"{sampler}-f{setting[0]}-r{setting[1]}-b{setting[2]}"))
+        for sampler in SAMPLERS[1:] for setting in dict.fromkeys((f0, 0.0 if sampler == "spl" else rho, b)
+                                                                  for f0, rho, b in PACE_GRID)}
+    run_parallel(list(grid.values()), cfg.bench_jobs, stop_requested)
+    val_acc = {key: json.load(open(os.path.join(run.run_dir, "summary.json")))["final_acc"]
+               for key, run in grid.items()}
+    chosen = {s: max((key for key in grid if key[0] == s), key=val_acc.get)[1] for s in SAMPLERS[1:]}
+    pacing = ["| sampler | f0 | rho0 | beta1 = beta2 | validation acc | chosen |", "|---|---|---|---|---|---|"]
+    pacing += [f"| {s} | {f0} | {rho} | {b} | {val_acc[(s, (f0, rho, b))]:.4f} | "
+               f"{'yes' if chosen[s] == (f0, rho, b) else ''} |" for s, (f0, rho, b) in grid]
+    finals = {s: dataclasses.replace(base, sampler=s, runs=cfg.runs, out=os.path.join(root, s),
+                                     **dict(zip(("f0", "rho0", "beta1"), chosen.get(s, (cfg.f0, cfg.rho0, cfg.beta1)))),
+                                     beta2=chosen.get(s, (0, 0, cfg.beta2))[2]) for s in SAMPLERS}
+    run_parallel([run for f in finals.values() for run in seed_runs(f)], cfg.bench_jobs, stop_requested)
+    results = {s: write_aggregate(f) for s, f in finals.items()}
+    for r in results.values():
+        r["metrics"] = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in r["runs"]]
+    overhead = {"random": finals["random"], "spladvise": finals["spladvise"],
+                "spladvise-inline": dataclasses.replace(finals["spladvise"], embed_mode="inline")}
+    overhead = {name: dataclasses.replace(run, runs=1, out=os.path.join(root, "overhead", name))
+                for name, run in overhead.items()}
+    run_parallel(list(overhead.values()), 1, stop_requested)
+    costs = {name: read_jsonl(os.path.join(run.run_dir, "metrics.jsonl")) for name, run in overhead.items()}
+    tables = ("Pacing (validation split, one seed):\n\n" + "\n".join(pacing) + "\n\nFinal runs (test set):\n\n"
+              + accuracy_table(results) + "\n\nCost, each run alone (seconds per 1,000 updates):\n\n"
+              + cost_table(costs))
+    print("\n" + tables, flush=True)
     with open(os.path.join(root, "bench.json"), "w") as f:
-        json.dump({"chosen": chosen, "grid": grid_rows, "results": results, "table": table,
-                   "config": dataclasses.asdict(cfg)}, f, indent=1)
+        json.dump({"chosen": chosen, "validation_acc": {f"{s}-{k}": v for (s, k), v in val_acc.items()},
+                   "results": results, "costs": costs, "config": dataclasses.asdict(cfg)}, f, indent=1)
     with open(os.path.join(root, "bench.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(tables + "\n")
     return results
 
 
-def bench_table(results: dict) -> str:
-    """Markdown table of run_bench's results; costs are seconds per 1,000 updates, also as a ratio to random."""
+def accuracy_table(results: dict) -> str:
+    """Markdown: accuracy per sampler (mean ± std over seeds), updates to reach random's final mean accuracy,
+    and the mean test-accuracy curve at a few update counts."""
     target = results["random"]["final_acc"]["mean"]
-    base = results["random"]["wall_s"]["mean"] / results["random"]["updates"]["mean"] * 1000
-    rows = ["| sampler | final acc | best acc | updates to reach random's final | s / 1k updates (× random) "
-            "| t_train / t_score / t_embed / t_select (s per run) |", "|---|---|---|---|---|---|"]
+    rows = ["| sampler | final acc | best acc | updates to reach random's final | wall s |", "|---|---|---|---|---|"]
     for name, r in results.items():
         reach = [next((m["updates"] for m in run if m["test_acc"] >= target), None) for run in r["metrics"]]
         hits = [u for u in reach if u is not None]
-        phase = [np.mean([sum(m[k] for m in run) for run in r["metrics"]]) for k in
-                 ("t_train", "t_score", "t_embed", "t_select")]
-        per_k = r["wall_s"]["mean"] / r["updates"]["mean"] * 1000
         rows.append(f"| {name} | {r['final_acc']['mean']:.4f} ± {r['final_acc']['std']:.4f} | "
                     f"{r['best_acc']['mean']:.4f} ± {r['best_acc']['std']:.4f} | "
                     f"{f'{np.mean(hits):.0f} ({len(hits)}/{len(reach)} runs)' if hits else 'not reached'} | "
-                    f"{per_k:.1f} (×{per_k / base:.2f}) | {' / '.join(f'{p:.1f}' for p in phase)} |")
+                    f"{r['wall_s']['mean']:.0f} |")
     grid = results["random"]["curve"]["updates"]
     picks = sorted({grid[i] for i in (0, len(grid) // 4, len(grid) // 2, 3 * len(grid) // 4, len(grid) - 1)})
     rows += ["", "Mean test accuracy at update counts:", "",
              "| sampler | " + " | ".join(str(u) for u in picks) + " |", "|---" * (len(picks) + 1) + "|"]
     for name, r in results.items():
-        rows.append(f"| {name} | " + " | ".join(f"{a:.4f}" for u, a in zip(r["curve"]["updates"],
-                                                                            r["curve"]["test_acc_mean"])
-                                                 if u in picks) + " |")
+        curve = dict(zip(r["curve"]["updates"], r["curve"]["test_acc_mean"]))
+        rows.append(f"| {name} | " + " | ".join(f"{curve[u]:.4f}".replace("nan", "—") for u in picks) + " |")
+    return "\n".join(rows)
+
+
+def cost_table(costs: dict) -> str:
+    """Markdown: wall seconds per 1,000 updates, its ratio to random, and the per-phase split."""
+    per_k = {name: 1000 / m[-1]["updates"] for name, m in costs.items()}
+    base = costs["random"][-1]["wall_s"] * per_k["random"]
+    rows = ["| run | s / 1k updates | × random | t_train | t_score | t_embed (inline, or waiting) | t_select |",
+            "|---|---|---|---|---|---|---|"]
+    for name, m in costs.items():
+        wall = m[-1]["wall_s"] * per_k[name]
+        phases = [sum(r[k] for r in m) * per_k[name] for k in ("t_train", "t_score", "t_embed", "t_select")]
+        rows.append(f"| {name} | {wall:.1f} | {wall / base:.2f} | " + " | ".join(f"{p:.1f}" for p in phases) + " |")
     return "\n".join(rows)
 
 
@@ -1287,7 +1338,7 @@ CHOICES = {"dataset": tuple(DATASETS), "sampler": ("spladvise", "spld", "spl", "
            "preset": ("auto", "paper", "cpu"), "embed_mode": ("process", "inline"), "pace": ("quantile", "absolute"),
            "student": NETS, "embed_net": NETS}
 RUNTIME_FIELDS = {"resume", "max_minutes", "gpu", "embed_gpu", "out", "data_dir", "download", "compile", "runs",
-                  "bench"}  # may change on --resume; every other field must match the checkpoint's
+                  "bench", "bench_jobs"}  # may change on --resume; every other field must match the checkpoint's
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -1311,8 +1362,9 @@ def resolve_device(spec: str, flag: str) -> str:
     n_gpus = torch.cuda.device_count()
     if spec == "auto":
         return "cuda:0" if n_gpus else "cpu"
-    if spec.lstrip("-").isdigit() and int(spec) < 0:
+    if spec == "cpu" or spec.lstrip("-").isdigit() and int(spec) < 0:
         return "cpu"
+    spec = spec.removeprefix("cuda:")
     if not spec.isdigit():
         raise ConfigError(f"--{flag} {spec!r} is not a device; use a CUDA index such as 0, or -1 for the CPU")
     if int(spec) >= n_gpus:
@@ -1331,7 +1383,9 @@ def resolve_config(cfg: Config) -> Config:
         raise ConfigError(f"--dataset {cfg.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
     preset = cfg.preset if cfg.preset != "auto" else ("paper" if gpu.startswith("cuda") else "cpu")
     budget_given = cfg.updates is not None or cfg.epochs is not None
-    defaults = {k: v for k, v in {"embed_dim": 64, "updates": 0, "epochs": 0, **PRESETS[preset][cfg.dataset]}.items()
+    values = {"embed_dim": 64, "train_size": 0, "test_size": 0, "updates": 0, "epochs": 0,
+              **PRESETS[preset][cfg.dataset], **(BENCH_CPU if cfg.bench and preset == "cpu" else {})}
+    defaults = {k: v for k, v in values.items()
                 if getattr(cfg, k) is None and not (budget_given and k in ("updates", "epochs"))}
     cfg = dataclasses.replace(cfg, gpu=gpu, embed_gpu=embed_gpu, preset=preset, **defaults)
     cfg = dataclasses.replace(cfg, updates=cfg.updates or 0, epochs=cfg.epochs or 0.0)
@@ -1341,7 +1395,7 @@ def resolve_config(cfg: Config) -> Config:
                                           and (int(value.split("-")[1]) - 4) % 6 == 0):
             raise ConfigError(f"--{name.replace('_', '-')} {value!r} is unknown; choose one of {', '.join(choices)}")
     positive = ("batch_size", "lr", "embed_lr", "embed_dim", "k", "m", "d", "kmeans_iters", "neighbours",
-                "score_batch", "runs")
+                "score_batch", "runs", "bench_jobs")
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -1405,7 +1459,13 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.bench:
             run_bench(cfg, stop_requested)
         elif cfg.runs > 1:
-            run_seeds(cfg, stop_requested)
+            for run in seed_runs(cfg):
+                prepare_run_dir(run)
+                train(run, stop_requested)
+                if stop_requested():
+                    break
+            else:
+                write_aggregate(cfg)
         else:
             prepare_run_dir(cfg)
             summary = train(cfg, stop_requested)
@@ -1414,6 +1474,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BenchmarkFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (EmbeddingFailed, NonFiniteLoss) as e:
         ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
         last = (f"last good checkpoint: {ckpt} (update {torch.load(ckpt, weights_only=False)['state']['updates']})"

@@ -21,11 +21,11 @@ import torch
 import spladvise as S
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FMNIST = "/usr/share/datasets/fashion-mnist"
+FMNIST = os.environ.get("SPLADVISE_TEST_DATA", "/usr/share/datasets/fashion-mnist")  # real idx .gz files
 needs_fmnist = pytest.mark.skipif(not os.path.exists(f"{FMNIST}/train-images-idx3-ubyte.gz"),
                                   reason="real Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
 # A run small enough for seconds on 2 CPU cores: 600 training and 300 test images, LeNet student and embedding.
-TINY = ["--dataset", "fashionmnist", "--gpu", "-1", "--data-dir", "/nonexistent", "--no-download",
+TINY = ["--dataset", "fashionmnist", "--gpu", "-1", "--data-dir", FMNIST, "--no-download",
         "--train-size", "600", "--test-size", "300", "--batch-size", "64", "--embed-dim", "8", "--k", "3",
         "--m", "4", "--d", "4", "--score-batch", "600", "--lr", "0.05"]
 
@@ -668,9 +668,7 @@ def run_main(argv, capsys):
 ])
 def test_bad_input_exits_2_with_one_line_naming_the_value(tmp_path, capsys, extra, needle):
     """Bad input: exit code 2 and one 'error:' line that names the bad value and the fix; no traceback."""
-    argv = [a for a in TINY if a not in ("/nonexistent",)]
-    argv[argv.index("--data-dir") + 1:argv.index("--data-dir") + 1] = [FMNIST if os.path.exists(FMNIST) else "x"]
-    code, err = run_main(argv + ["--updates", "5"] + extra + ["--out", str(tmp_path / "out")], capsys)
+    code, err = run_main(TINY + ["--updates", "5"] + extra + ["--out", str(tmp_path / "out")], capsys)
     if not os.path.exists(FMNIST) and "larger" in needle:
         pytest.skip("needs the real data")
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -695,3 +693,33 @@ def test_corrupt_data_file_exits_2_naming_the_file(tmp_path, capsys):
     code, err = run_main(["--gpu", "-1", "--data-dir", str(tmp_path / "d"), "--no-download", "--updates", "5",
                           "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "t10k-images-idx3-ubyte.gz" in err and "Traceback" not in err
+
+
+# ---- CUDA (skipped without a GPU) -------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_cuda_kmeans_magnet_and_spld_match_the_cpu():
+    """The building blocks run on the tensor's device and agree with the CPU (float64, same generator seed)."""
+    x, _ = blobs(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)) * 4, 20, 1.0, 0)
+    c_cpu, a_cpu = S.kmeans_pp(x, 5, generator=torch.Generator().manual_seed(2))
+    c_gpu, a_gpu = S.kmeans_pp(x.cuda(), 5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a_gpu.cpu(), a_cpu) and torch.allclose(c_gpu.cpu(), c_cpu)
+    r, classes, clusters = magnet_batch(4, 4, 3, 2, seed=0)
+    assert math.isclose(S.magnet_loss(r.cuda(), classes.cuda(), clusters.cuda())[0].item(),
+                        S.magnet_loss(r, classes, clusters)[0].item(), rel_tol=1e-9)
+    losses, groups = torch.rand(1000, dtype=torch.float64), torch.randint(0, 7, (1000,))
+    assert torch.equal(S.spld_select(losses.cuda(), groups.cuda(), 0.4, 0.3).cpu(),
+                       S.spld_select(losses, groups, 0.4, 0.3))
+
+
+@needs_cuda
+@needs_fmnist
+def test_cuda_process_mode_shares_the_index_through_cuda_ipc(tmp_path):
+    """On a GPU the child trains on CUDA and publishes CUDA tensors the student reads (several versions)."""
+    out = tmp_path / "run"
+    r = cli([a if a != "-1" else "0" for a in TINY] + ["--updates", "80", "--refresh", "3"], out)
+    assert r.returncode == 0, r.stderr
+    versions = {m["embed_version"] for m in read_metrics(out) if m["embed_version"] is not None}
+    assert len(versions) >= 2 and "cpu" not in json.load(open(out / "summary.json"))["device"]
