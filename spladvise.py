@@ -77,7 +77,7 @@ class Config:
     sampler: str = "spladvise"  # spladvise | spld | spl | random (paper §4)
     preset: str = "auto"  # paper | cpu | auto (paper on CUDA, cpu otherwise); fills the fields left unset (None)
     seed: int = 0  # embedding process uses seed + 1
-    runs: int = 1  # seeds seed .. seed+runs-1, each under OUT/seed-S, plus OUT/aggregate.json
+    runs: int = 1  # seeds seed .. seed+runs-1, each under OUT/seed-S, plus OUT/aggregate.json (--bench: 3)
     gpu: str = "auto"  # CUDA index, -1 = CPU, auto = cuda:0 when available
     embed_gpu: str = "same"  # device of the embedding process: same | CUDA index | -1
     out: str = ""  # output folder; default runs/<dataset>-<sampler>-<seed> (runs/bench-<dataset> for --bench)
@@ -1258,7 +1258,7 @@ def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
     2. final: every sampler with the same student, budget and seeds (--runs) on the test set;
     3. overhead: random, spladvise and spladvise --embed-mode inline alone, one after the other, for the cost.
     Prints Markdown tables; writes OUT/bench.json and OUT/bench.md."""
-    root = cfg.run_dir
+    root, seeds = cfg.run_dir, cfg.runs if cfg.runs > 1 else 3  # mean ± std needs several seeds
     base = dataclasses.replace(cfg, bench=False, resume=False, runs=1)
     val_size = cfg.val_size or max(1000, (cfg.train_size or 60000) // 10)
     grid = {(sampler, setting): dataclasses.replace(
@@ -1273,7 +1273,7 @@ def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
     pacing = ["| sampler | f0 | rho0 | beta1 = beta2 | validation acc | chosen |", "|---|---|---|---|---|---|"]
     pacing += [f"| {s} | {f0} | {rho} | {b} | {val_acc[(s, (f0, rho, b))]:.4f} | "
                f"{'yes' if chosen[s] == (f0, rho, b) else ''} |" for s, (f0, rho, b) in grid]
-    finals = {s: dataclasses.replace(base, sampler=s, runs=cfg.runs, out=os.path.join(root, s),
+    finals = {s: dataclasses.replace(base, sampler=s, runs=seeds, out=os.path.join(root, s),
                                      **dict(zip(("f0", "rho0", "beta1"), chosen.get(s, (cfg.f0, cfg.rho0, cfg.beta1)))),
                                      beta2=chosen.get(s, (0, 0, cfg.beta2))[2]) for s in SAMPLERS}
     run_parallel([run for f in finals.values() for run in seed_runs(f)], cfg.bench_jobs, stop_requested)
