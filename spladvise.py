@@ -1240,6 +1240,8 @@ def run_parallel(runs: list[Config], jobs: int, stop_requested) -> None:
                     last = open(os.path.join(run.run_dir, "log.txt")).read().strip().splitlines()[-1:]
                     raise BenchmarkFailed(f"benchmark run {run.run_dir} failed (exit {proc.returncode}): {last}")
         time.sleep(0.2)
+    if stop_requested():
+        raise BenchmarkFailed("benchmark stopped by a signal; every run it started has checkpointed")
 
 
 class BenchmarkFailed(Exception):
