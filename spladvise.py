@@ -1217,11 +1217,21 @@ def config_argv(cfg: Config) -> list[str]:
     return argv
 
 
+def run_finished(run: Config) -> bool:
+    """True if run.run_dir holds a complete run of exactly this config (a benchmark started again reuses it)."""
+    try:
+        return (json.load(open(os.path.join(run.run_dir, "summary.json")))["complete"]
+                and json.load(open(os.path.join(run.run_dir, "config.json"))) == dataclasses.asdict(run))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def run_parallel(runs: list[Config], jobs: int, stop_requested) -> None:
-    """Each run as its own spladvise.py process (log in OUT/log.txt), `jobs` at a time. A run that fails stops
-    the benchmark with its log's last line; a stop request is passed on as SIGTERM, so each run checkpoints."""
+    """Each run as its own spladvise.py process (log in OUT/log.txt), `jobs` at a time; runs already complete
+    are reused. A run that fails stops the benchmark with its log's last line; a stop request is passed on as
+    SIGTERM, so each run checkpoints."""
     import subprocess
-    waiting, active = list(runs), []
+    waiting, active = [run for run in runs if not run_finished(run)], []
     while waiting or active:
         while waiting and len(active) < jobs and not stop_requested():
             run = waiting.pop(0)
