@@ -135,9 +135,9 @@ class Config:
     def magnet_batch(self) -> int:
         return self.m * self.d
 
-    @property
-    def uses_embedding(self) -> bool:
-        return self.sampler == "spladvise"
+    def refresh_iterations(self, n_train: int) -> int:
+        """R: embedding iterations between index refreshes (default one embedding epoch, NOTES §2)."""
+        return self.refresh or math.ceil(n_train / self.magnet_batch)
 
 
 # Per-dataset settings of paper §4 (NOTES §5); the cpu preset is ours, sized for 2 cores in about 10 minutes.
@@ -277,6 +277,17 @@ def load_dataset(name: str, data_dir: str, download: bool) -> dict:
                         f"(torchvision layout or raw idx .gz files), allow a download with --download{hint}")
     return {k: torch.from_numpy(np.array(v)).to(torch.uint8 if k[0] == "x" else torch.int64)
             for k, v in data.items()}
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) scaled to [0, 1], in chunks (SVHN is 1.8 G values).
+    -> (1, C, 1, 1), (1, C, 1, 1)"""
+    total = torch.zeros(2, x.shape[1], dtype=torch.float64)  # (2, C) sums of x and x²
+    for chunk in x.split(8192):
+        chunk = chunk.double().div_(255)
+        total += torch.stack([chunk.sum((0, 2, 3)), chunk.pow(2).sum((0, 2, 3))])
+    mean, mean_sq = total / (x.numel() // x.shape[1])  # (C,), (C,)
+    return mean.float().view(1, -1, 1, 1), (mean_sq - mean ** 2).sqrt().float().view(1, -1, 1, 1)
 
 
 def balanced_subset(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -832,7 +843,7 @@ def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, error
             load_embedding_state(state, torch.load(state_path, weights_only=False))
         parent = mp.parent_process()
         keep_going = lambda: not stop.is_set() and parent.is_alive()  # exits on its own if the parent is killed
-        refresh_every = cfg.refresh or math.ceil(len(data["y_train"]) / cfg.magnet_batch)
+        refresh_every = cfg.refresh_iterations(len(data["y_train"]))
         while keep_going():
             index = embedding_refresh(state, data, cfg)  # Alg. 1 step 2, every R iterations
             publish(shared, lock, index, state["iteration"])
@@ -937,9 +948,10 @@ def read_jsonl(path: str, max_updates: float = math.inf) -> list[dict]:
         for line in open(path):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+                updates = record["updates"]
+            except (json.JSONDecodeError, TypeError, KeyError):
                 continue
-            if record["updates"] <= max_updates and (not records or record["updates"] > records[-1]["updates"]):
+            if updates <= max_updates and (not records or record["updates"] > records[-1]["updates"]):
                 records.append(record)
     return records
 
@@ -979,9 +991,8 @@ def prepare_data(cfg: Config, device: torch.device) -> dict:
     if cfg.train_size:
         keep = balanced_subset(y, cfg.train_size, gen)
         x, y = x[keep], y[keep]
-    pixels = x.double().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
-    stats = torch.stack([pixels.mean(1), pixels.std(1)]).float().view(2, 1, -1, 1, 1)  # (2, 1, C, 1, 1)
-    data = {"x_train": x, "y_train": y, "x_test": x_test, "y_test": y_test, "mean": stats[0], "std": stats[1]}
+    mean, std = channel_stats(x)
+    data = {"x_train": x, "y_train": y, "x_test": x_test, "y_test": y_test, "mean": mean, "std": std}
     return {k: v.to(device) for k, v in data.items()}
 
 
@@ -1092,8 +1103,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
                 if handle is not None:
                     index = read_index(handle, 1, stop) or index
                 elif estate is not None:
-                    refresh_every = cfg.refresh or math.ceil(n / cfg.magnet_batch)
-                    embedding_train(estate, data, cfg, refresh_every)
+                    embedding_train(estate, data, cfg, cfg.refresh_iterations(n))
                     index = embedding_refresh(estate, data, cfg)
                 if index is None and cfg.sampler != "spl":  # stopped while waiting for the first index
                     break
@@ -1481,7 +1491,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             prepare_run_dir(cfg)
             summary = train(cfg, stop_requested)
-            print(f"[student] done: final_acc={summary['final_acc']} best_acc={summary['best_acc']:.4f} "
+            print(f"[student] done: final_acc={summary['final_acc']:.4f} best_acc={summary['best_acc']:.4f} "
                   f"updates={summary['updates']} wall={summary['wall_s']:.1f}s -> {cfg.run_dir}", flush=True)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
