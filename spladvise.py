@@ -1242,7 +1242,7 @@ def run_parallel(runs: list[Config], jobs: int, stop_requested) -> None:
     SIGTERM, so each run checkpoints."""
     import subprocess
     waiting, active = [run for run in runs if not run_finished(run)], []
-    while waiting or active:
+    while (waiting and not stop_requested()) or active:
         while waiting and len(active) < jobs and not stop_requested():
             run = waiting.pop(0)
             os.makedirs(run.run_dir, exist_ok=True)
