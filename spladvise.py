@@ -33,8 +33,8 @@ Deviations (each tagged `# DEVIATION:` where it is implemented):
     - Magnet Loss scales by 1/(2σ²), not the 1/(2σ⁴) of every public port (NOTES §1).
     - Pace: λ ← (1+β1)λ, γ ← (1+β2)γ (step 16 as printed would shrink λ); λ_t, γ_t set from loss quantiles.
     - Training budget and LR milestones count mini-batch updates, so every sampler gets equal updates.
-Not implemented: the paper's pre-activation ResNet variant (we use the standard CIFAR ResNet-18);
-multi-GPU student training; SVHN needs scipy to read its .mat files (torchvision's reader).
+Not implemented: the pre-activation ResNet-18 of the authors' code (the paper names ResNet-18; we use the
+standard CIFAR form); multi-GPU training; reading SVHN's .mat files without scipy (torchvision's reader needs it).
 
 Sections (`grep -n '^# ----' spladvise.py`):
     1 imports · 2 Config · 3 data · 4 networks · 5 K-Means++ and the cluster index · 6 Magnet Loss and
@@ -121,7 +121,7 @@ class Config:
     neighbours: int = 8  # L, nearest cluster centres in the embedding's soft-vote classifier
     # pace (Alg. 2 step 16, NOTES §3)
     pace: str = "quantile"  # quantile | absolute
-    f0: float = 0.5  # first selected fraction by easiness alone
+    f0: float = 0.7  # first selected fraction by easiness alone (chosen by ./run.sh bench's validation grid)
     rho0: float = 0.5  # γ_0 / λ_0
     beta1: float = 0.1  # λ pace: f_t = f0 (1+β1)^t (quantile) or λ_t = λ_0 (1+β1)^t (absolute)
     beta2: float = 0.1  # γ pace: ρ_t = ρ0 (1+β2)^t
@@ -759,6 +759,7 @@ def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_goi
         idx, clusters = sampler.sample(cfg.m, cfg.d, state["gen"])  # (M*D,), (M*D,)
         idx_dev = idx.to(device)
         with autocast(device):
+            # UNSPECIFIED: the embedding net sees no augmentation, as the index it is clustered for does not
             r = net(to_input(data["x_train"][idx_dev], data["mean"], data["std"])).float()  # (M*D, d)
         loss, per_example, sigma2 = magnet_loss(r, data["y_train"][idx_dev], clusters.to(device), cfg.alpha)
         opt.zero_grad(set_to_none=True)
@@ -1011,7 +1012,8 @@ def check_against_data(cfg: Config, data: dict):
 
 
 def fixed_pixel_clusters(data: dict, k: int, iters: int, seed: int) -> torch.Tensor:
-    """SPLD baseline's groups (NOTES §4): per-class K-Means++ on normalised raw pixels, computed once. -> (N,)"""
+    """SPLD baseline's groups (NOTES §4). UNSPECIFIED: per-class K-Means++ on normalised raw pixels, computed
+    once. -> (N,)"""
     pixels = to_input(data["x_train"], data["mean"], data["std"]).flatten(1)  # (N, C*H*W)
     gen = torch.Generator(pixels.device).manual_seed(seed)
     return build_cluster_index(pixels, data["y_train"], k, iters, gen)[0]
@@ -1033,7 +1035,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     check_against_data(cfg, data)
     n, n_classes, shape = len(data["y_train"]), int(data["y_train"].max()) + 1, tuple(data["x_train"].shape[1:])
     per_epoch = math.ceil(n / cfg.batch_size)
-    budget = cfg.updates or math.ceil(cfg.epochs * per_epoch)
+    budget = cfg.updates or math.ceil(cfg.epochs * per_epoch)  # DEVIATION: counted in updates (Fig. 3's x-axis)
     net = build_net(cfg.student, shape, n_classes, cfg.dropout, device)
     forward = torch.compile(net) if cfg.compile else net
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
