@@ -595,12 +595,14 @@ def test_sigkill_of_main_at_any_moment_then_resume_loses_and_duplicates_nothing(
     args = TINY + ["--updates", "40", "--embed-mode", "inline"]
     proc = start(args, out, env={"SPLADVISE_SLOW_CHECKPOINT": "1.0"})
     wait_for_line(proc, "pass=2", 60)  # printed after its metrics line, before its checkpoint is renamed
-    time.sleep(0.3)
+    deadline = time.time() + 5
+    while not any(".tmp" in f for f in os.listdir(out)) and time.time() < deadline:
+        time.sleep(0.02)
     assert any(".tmp" in f for f in os.listdir(out))  # the kill lands inside the checkpoint write
     proc.kill()
     proc.wait()
     assert torch.load(out / "ckpt.pt", weights_only=False)["state"]["passes"] == 1
-    for moment in (0.0, 0.7):  # resume, then kill again at another moment
+    for moment in (0.0, 1.5):  # resume, then kill again: inside the next write, then after it, mid-pass
         proc = start(args + ["--resume"], out, env={"SPLADVISE_SLOW_CHECKPOINT": "1.0"})
         wait_for_line(proc, "pass=", 60)
         time.sleep(moment)
