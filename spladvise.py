@@ -444,9 +444,17 @@ def make_net(name: str, in_channels: int, n_out: int, image_size: int, dropout: 
 
 
 # ---- 5. K-Means++ and the cluster index (paper §3.1) -----------------------------------------------------
-def sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(P, d), (Q, d) -> (P, Q) squared Euclidean distances by one matrix multiply."""
-    return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.T + b.pow(2).sum(1)).clamp_min_(0)  # (P, Q)
+def sq_dists(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """(P, d), (Q, d) -> (P, Q) squared Euclidean distances by one fused matrix multiply; a_sq (P, 1) = ‖a‖²
+    may be passed when a is reused."""
+    a_sq = a.pow(2).sum(1, keepdim=True) if a_sq is None else a_sq  # (P, 1)
+    return torch.addmm(b.pow(2).sum(1), a, b.T, alpha=-2).add_(a_sq).clamp_min_(0)  # (P, Q)
+
+
+def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid (k, d) for each row of x (N, d) -> (N,). ‖x‖² is the same for every
+    centroid, so argmin ‖x − c‖² = argmin (‖c‖² − 2 x·c)."""
+    return torch.addmm(centroids.pow(2).sum(1), x, centroids.T, alpha=-2).argmin(1)  # (N,)
 
 
 def uniform(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -462,8 +470,9 @@ def kmeanspp_seed(x: torch.Tensor, k: int, candidates: int | None = None,
     one that lowers the potential most (as scikit-learn does); candidates=1 is the plain algorithm."""
     n = x.shape[0]
     trials = candidates or 2 + int(math.log(k))
+    x_sq = x.pow(2).sum(1, keepdim=True)  # (N, 1)
     chosen = [int(uniform(1, generator, x.device).item() * n)]
-    d2 = sq_dists(x, x[chosen]).squeeze(1)  # (N,) squared distance to the nearest centre so far
+    d2 = sq_dists(x, x[chosen], x_sq).squeeze(1)  # (N,) squared distance to the nearest centre so far
     for _ in range(1, k):
         cum = d2.double().cumsum(0)  # (N,)
         if cum[-1] > 0:  # draw ∝ D²; a point already chosen has D² = 0 and cannot be drawn again
@@ -471,7 +480,7 @@ def kmeanspp_seed(x: torch.Tensor, k: int, candidates: int | None = None,
         else:  # every point sits on a centre: any draw is as good
             cand = (uniform(trials, generator, x.device) * n).long()
         cand = cand.clamp_max(n - 1)  # (T,)
-        new_d2 = torch.minimum(d2[:, None], sq_dists(x, x[cand]))  # (N, T), updated incrementally
+        new_d2 = torch.minimum(d2[:, None], sq_dists(x, x[cand], x_sq))  # (N, T), updated incrementally
         best = new_d2.sum(0).argmin()
         chosen.append(int(cand[best]))
         d2 = new_d2[:, best]  # (N,)
@@ -483,8 +492,7 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> tuple[torch.T
     re-seeded at the point farthest from its centre. -> centroids (k, d), assign (N,)."""
     k, assign = centroids.shape[0], None
     for _ in range(iters):
-        dist = sq_dists(x, centroids)  # (N, k)
-        new = dist.argmin(1)  # (N,)
+        new = nearest(x, centroids)  # (N,)
         if assign is not None and torch.equal(new, assign):
             break
         assign = new
@@ -492,9 +500,9 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> tuple[torch.T
         centroids = torch.zeros_like(centroids).index_add_(0, assign, x) / counts.clamp_min(1)[:, None]  # (k, d)
         empty = (counts == 0).nonzero().flatten()  # (E,)
         if len(empty):
-            far = dist.gather(1, assign[:, None]).squeeze(1).topk(len(empty)).indices  # (E,)
+            far = (x - centroids[assign]).pow(2).sum(1).topk(len(empty)).indices  # (E,)
             centroids[empty] = x[far]
-    return centroids, sq_dists(x, centroids).argmin(1)
+    return centroids, nearest(x, centroids)
 
 
 def kmeans_pp(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator | None = None,
