@@ -563,7 +563,8 @@ def magnet_loss(r: torch.Tensor, classes: torch.Tensor, clusters: torch.Tensor, 
 class NeighbourhoodSampler:
     """Alg. 1's batch construction over a cluster index (build_cluster_index's output): a seed cluster drawn with
     p ∝ its loss, its M−1 nearest impostor clusters, D examples from each. Keeps every example's last recorded
-    Magnet Loss; a cluster's loss is the mean over its members that have one."""
+    Magnet Loss; a cluster's loss is the mean over its members that have one. Lives on the CPU: its work per
+    batch is O(M*D + C*K), so it never waits on the device."""
 
     def __init__(self, assign: torch.Tensor, centroids: torch.Tensor, cluster_class: torch.Tensor):
         self.example_loss = torch.zeros(len(assign), dtype=torch.float64)  # (N,)
@@ -573,41 +574,48 @@ class NeighbourhoodSampler:
     def reindex(self, assign: torch.Tensor, centroids: torch.Tensor, cluster_class: torch.Tensor):
         """Install a refreshed index (Alg. 1 step 2 every R iterations); cluster losses follow from the stored
         per-example losses under the new assignment."""
-        self.assign, self.centroids, self.cluster_class = assign.cpu(), centroids.cpu(), cluster_class.cpu()
+        self.assign, centroids, cluster_class = assign.cpu(), centroids.cpu(), cluster_class.cpu()
+        k = len(centroids)
         order = torch.argsort(self.assign, stable=True)  # (N,) members grouped by cluster
-        self.sizes = torch.bincount(self.assign, minlength=len(self.centroids))  # (C*K,)
-        self.members = torch.split(order, self.sizes.tolist())  # C*K tensors of member indices
+        self.members = torch.split(order, torch.bincount(self.assign, minlength=k).tolist())  # C*K index tensors
+        dist = sq_dists(centroids, centroids)  # (C*K, C*K)
+        dist[cluster_class[:, None] == cluster_class[None, :]] = math.inf
+        self.n_impostors = int((dist < math.inf).sum(1).min())  # fewest other-class clusters any cluster has
+        self.impostors = dist.argsort(1)[:, :self.n_impostors]  # (C*K, I) other-class clusters, nearest first
+        self.loss_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, self.assign, self.example_loss * self.seen)
+        self.loss_count = torch.zeros(k, dtype=torch.float64).index_add_(0, self.assign, self.seen.double())
         self.cluster_loss = self.cluster_losses()
 
     def cluster_losses(self) -> torch.Tensor:
         """Mean recorded loss per cluster (C*K,). UNSPECIFIED: a cluster with no recorded member gets the mean of
         the others, so it is still drawn; all clusters are uniform before any loss is recorded."""
-        k = len(self.centroids)
-        total = torch.zeros(k, dtype=torch.float64).index_add_(0, self.assign, self.example_loss * self.seen)
-        seen = torch.zeros(k, dtype=torch.float64).index_add_(0, self.assign, self.seen.double())  # (C*K,)
-        loss = total / seen.clamp_min(1)  # (C*K,)
-        visited = seen > 0
+        loss = self.loss_sum / self.loss_count.clamp_min(1)  # (C*K,)
+        visited = self.loss_count > 0
         loss[~visited] = loss[visited].mean() if visited.any() else 1.0
         return loss
 
     def record(self, indices: torch.Tensor, losses: torch.Tensor):
-        """Store the per-example losses of a batch (zeros count: the example is well placed)."""
-        indices = indices.cpu()
-        self.example_loss[indices] = losses.detach().double().cpu()
-        self.seen[indices] = True
+        """Store the per-example losses of a batch (zeros count: the example is well placed); the per-cluster
+        sums are updated by the change only."""
+        indices, losses = indices.cpu(), losses.detach().double().cpu()
+        unique, inverse = torch.unique(indices, return_inverse=True)  # an example drawn twice counts once
+        last = torch.zeros(len(unique), dtype=torch.long).scatter_reduce_(
+            0, inverse, torch.arange(len(indices)), "amax")  # (U,) its last occurrence
+        indices, losses = unique, losses[last]  # (U,), (U,)
+        clusters = self.assign[indices]  # (U,)
+        self.loss_sum.index_add_(0, clusters, losses - self.example_loss[indices] * self.seen[indices])
+        self.loss_count.index_add_(0, clusters, (~self.seen[indices]).double())
+        self.example_loss[indices], self.seen[indices] = losses, True
         self.cluster_loss = self.cluster_losses()
 
     def sample(self, m: int, d: int, generator: torch.Generator | None = None):
         """-> indices (m*d,) and their batch cluster ids (m*d,), ids being global cluster ids."""
-        other = self.cluster_class[None, :] != self.cluster_class[:, None]  # (C*K, C*K)
-        if m - 1 > int(other.sum(1).min()):
+        if m - 1 > self.n_impostors:
             raise ValueError(f"m={m} clusters per batch needs m-1 impostor clusters of other classes; there are "
-                             f"only {int(other.sum(1).min())}")
+                             f"only {self.n_impostors}")
         weights = self.cluster_loss if self.cluster_loss.sum() > 0 else torch.ones_like(self.cluster_loss)
         seed = int(torch.multinomial(weights, 1, generator=generator))  # Alg. 1: I_1 ~ p_I ∝ cluster loss
-        dist = sq_dists(self.centroids[seed:seed + 1], self.centroids).squeeze(0)  # (C*K,)
-        dist[~other[seed]] = math.inf
-        impostors = dist.topk(m - 1, largest=False).indices  # (m-1,) Alg. 1: nearest other-class clusters
+        impostors = self.impostors[seed, :m - 1]  # (m-1,) Alg. 1: the nearest clusters of other classes
         chosen = torch.cat([torch.tensor([seed]), impostors])  # (m,)
         indices = []
         for c in chosen.tolist():  # D examples per cluster, with replacement only if it has fewer than D
@@ -774,10 +782,11 @@ def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_goi
         loss.backward()
         opt.step()
         state["iteration"] += 1
-        if not math.isfinite(loss.item()):
+        loss_value, sigma2_value = torch.stack([loss.detach(), sigma2.detach()]).tolist()  # one device sync
+        if not math.isfinite(loss_value):
             raise NonFiniteLoss("embedding", state["iteration"])
         sampler.record(idx, per_example)
-        state["sigma2_sum"] += sigma2.item()  # σ̄², the running mean of σ² used by magnet_predict
+        state["sigma2_sum"] += sigma2_value  # σ̄², the running mean of σ² used by magnet_predict
         state["sigma2_count"] += 1
 
 
@@ -1077,7 +1086,9 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
         if cfg.resume and ckpt["embedding"] is not None and not os.path.exists(state_path):
             save_atomic(ckpt["embedding"], state_path)
         child_data = {k: v.to(embed_device) for k, v in data.items()}
-        handle = start_embedding_process(cfg, child_data, n_classes * cfg.k, state_path, max(1, cores - cores // 2))
+        # the child needs CPU threads only for its own work when it trains on the CPU; on a GPU it needs two
+        child_threads = max(1, cores - cores // 2) if embed_device.type == "cpu" else min(2, cores)
+        handle = start_embedding_process(cfg, child_data, n_classes * cfg.k, state_path, child_threads)
         print(f"[embedding] pid={handle['proc'].pid} device={embed_device}", flush=True)
     elif cfg.sampler == "spladvise":
         estate = new_embedding_state(cfg, shape, device)

@@ -369,6 +369,24 @@ def test_sampler_draws_uniformly_before_any_loss_and_reindex_recomputes_cluster_
     assert np.allclose(sampler.cluster_loss.numpy(), expected)
 
 
+def test_sampler_incremental_cluster_losses_equal_a_recomputation_with_repeated_examples():
+    """The per-cluster sums kept by record() equal the plain mean of each cluster's last recorded losses, also
+    when a batch draws an example twice (with replacement) and examples are recorded again later."""
+    assign, centroids, cluster_class = toy_index(n_classes=3, k=2, per_cluster=3)
+    sampler = S.NeighbourhoodSampler(assign, centroids, cluster_class)
+    g = torch.Generator().manual_seed(0)
+    last = {}
+    for _ in range(40):
+        idx, _ = sampler.sample(3, 5, g)  # D = 5 > 3 members: drawn with replacement
+        losses = torch.rand(len(idx), generator=g, dtype=torch.float64)
+        sampler.record(idx, losses)
+        last.update(zip(idx.tolist(), losses.tolist()))  # a later occurrence overwrites an earlier one
+    for c in range(6):
+        members = [i for i in last if assign[i] == c]
+        if members:
+            assert math.isclose(sampler.cluster_loss[c].item(), np.mean([last[i] for i in members]), rel_tol=1e-9)
+
+
 def test_sampler_refuses_more_clusters_than_impostors_exist():
     assign, centroids, cluster_class = toy_index(n_classes=2, k=2)
     with pytest.raises(ValueError, match="impostor"):
