@@ -542,12 +542,13 @@ def build_cluster_index(emb: torch.Tensor, labels: torch.Tensor, k: int, iters: 
 def magnet_loss(r: torch.Tensor, classes: torch.Tensor, clusters: torch.Tensor, alpha: float = 1.0):
     """Magnet Loss, Eq. 1 (Rippel et al. 2016, https://arxiv.org/abs/1511.05939). r (B, d) embeddings;
     classes (B,); clusters (B,) ids, examples sharing an id form one batch cluster whose mean is mu (gradient
-    flows through mu and sigma2). -> loss (), per-example losses (B,), sigma2 ()."""
+    flows through mu and sigma2). Cluster ids may stay on the CPU while r is on a GPU: the grouping then costs
+    the device no synchronisation. -> loss (), per-example losses (B,), sigma2 ()."""
     if r.dim() != 2 or classes.shape != r.shape[:1] or clusters.shape != r.shape[:1]:
         raise ValueError(f"magnet_loss needs r (B, d), classes (B,), clusters (B,); got {tuple(r.shape)}, "
                          f"{tuple(classes.shape)}, {tuple(clusters.shape)}")
-    _, m_of = torch.unique(clusters, return_inverse=True)  # (B,) batch cluster of each example
-    n_clusters = int(m_of.max()) + 1
+    ids, m_of = torch.unique(clusters, return_inverse=True)  # (M,), (B,) batch cluster of each example
+    n_clusters, m_of = len(ids), m_of.to(r.device)
     counts = torch.bincount(m_of, minlength=n_clusters).to(r.dtype)  # (M,)
     mu = r.new_zeros(n_clusters, r.shape[1]).index_add(0, m_of, r) / counts[:, None]  # (M, d)
     mu_class = classes.new_zeros(n_clusters).scatter(0, m_of, classes)  # (M,)
@@ -777,7 +778,7 @@ def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_goi
         with autocast(device):
             # UNSPECIFIED: the embedding net sees no augmentation, as the index it is clustered for does not
             r = net(to_input(data["x_train"][idx_dev], data["mean"], data["std"])).float()  # (M*D, d)
-        loss, per_example, sigma2 = magnet_loss(r, data["y_train"][idx_dev], clusters.to(device), cfg.alpha)
+        loss, per_example, sigma2 = magnet_loss(r, data["y_train"][idx_dev], clusters, cfg.alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
