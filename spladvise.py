@@ -1349,14 +1349,18 @@ def accuracy_table(results: dict) -> str:
     """Markdown: accuracy per sampler (mean ± std over seeds), updates to reach random's final mean accuracy,
     and the mean test-accuracy curve at a few update counts."""
     target = results["random"]["final_acc"]["mean"]
-    rows = ["| sampler | final acc | best acc | updates to reach random's final | wall s |", "|---|---|---|---|---|"]
+    rows = ["| sampler | final acc | best acc | updates to reach random's final | wall s | index versions while "
+            "selecting < 100 % |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         reach = [next((m["updates"] for m in run if m["test_acc"] >= target), None) for run in r["metrics"]]
         hits = [u for u in reach if u is not None]
+        # a curriculum that only ever saw version 1 ran on the untrained embedding's clusters: say so
+        versions = [m["embed_version"] for run in r["metrics"] for m in run
+                    if m["selected_frac"] < 1 and m["embed_version"] is not None]
         rows.append(f"| {name} | {r['final_acc']['mean']:.4f} ± {r['final_acc']['std']:.4f} | "
                     f"{r['best_acc']['mean']:.4f} ± {r['best_acc']['std']:.4f} | "
                     f"{f'{np.mean(hits):.0f} ({len(hits)}/{len(reach)} runs)' if hits else 'not reached'} | "
-                    f"{r['wall_s']['mean']:.0f} |")
+                    f"{r['wall_s']['mean']:.0f} | {f'{min(versions)}–{max(versions)}' if versions else '—'} |")
     grid = results["random"]["curve"]["updates"]
     picks = sorted({grid[i] for i in (0, len(grid) // 4, len(grid) // 2, 3 * len(grid) // 4, len(grid) - 1)})
     rows += ["", "Mean test accuracy at update counts:", "",
