@@ -872,7 +872,7 @@ def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, error
             save_atomic(embedding_state_dict(state), state_path)
             embedding_train(state, data, cfg, refresh_every, keep_going)
     except BaseException as e:
-        text = "".join(traceback.format_exception_only(type(e), e)).strip()
+        text = f"{type(e).__name__}: {e}"
         sys.stderr.write(f"[embedding] failed:\n{traceback.format_exc()}")
         errors.put(text)
         errors.close()
