@@ -80,7 +80,7 @@ class Config:
     sampler: str = "spladvise"  # spladvise | spld | spl | random (paper §4)
     preset: str = "auto"  # paper | cpu | auto (paper on CUDA, cpu otherwise); fills the fields left unset (None)
     seed: int = 0  # embedding process uses seed + 1
-    runs: int = 1  # seeds seed .. seed+runs-1, each under OUT/seed-S, plus OUT/aggregate.json (--bench: 3)
+    runs: int = 1  # seeds seed .. seed+runs-1, each under OUT/seed-S, plus OUT/aggregate.json (--bench: 5)
     gpu: str = "auto"  # CUDA index, -1 = CPU, auto = cuda:0 when available
     embed_gpu: str = "same"  # device of the embedding process: same | CUDA index | -1
     out: str = ""  # output folder; default runs/<dataset>-<sampler>-<seed> (runs/bench-<dataset> for --bench)
@@ -109,7 +109,7 @@ class Config:
     weight_decay: float = 5e-4  # SGD weight decay
     milestones: str | None = None  # fractions of the budget where lr *= lr_decay, e.g. "0.3,0.6,0.8"; "none"
     lr_decay: float = 0.1  # learning-rate factor at each milestone
-    score_batch: int = 1024  # batch of the scoring and evaluation passes (no grad)
+    score_batch: int | None = None  # batch of the scoring and evaluation passes (paper 1024; cpu 256: cache-sized)
     # embedding (Alg. 1)
     embed_net: str | None = None  # lenet | vgg16 | resnet18 | wrn-16-8 | wrn-28-10
     embed_mode: str = "process"  # process (parallel child, Alg. 2 step 2) | inline (deterministic)
@@ -119,12 +119,13 @@ class Config:
     m: int = 8  # M, clusters per magnet batch
     d: int = 8  # D, examples per cluster in a magnet batch (batch = M*D = 64)
     alpha: float = 1.0  # Magnet Loss margin α, Eq. 1
-    refresh: int = 0  # R, embedding iterations between index refreshes; 0 = one embedding epoch
+    refresh: int = 0  # R, embedding iterations between index refreshes; 0 = one embedding epoch; -1 = frozen
+    embed_warmup: float = 2.0  # embedding epochs trained before the student's first selection (NOTES §8)
     kmeans_iters: int = 20  # Lloyd iterations per K-Means++ run
     neighbours: int = 8  # L, nearest cluster centres in the embedding's soft-vote classifier
     # pace (Alg. 2 step 16, NOTES §3)
-    pace: str = "quantile"  # quantile | absolute
-    f0: float = 0.7  # first selected fraction by easiness alone (chosen by ./run.sh bench's validation grid)
+    pace: str = "quantile"  # quantile | absolute | rank (the authors' count per cluster, NOTES §8)
+    f0: float = 0.7  # first selected fraction by easiness alone; rank pace: K_0 / mean cluster size
     rho0: float = 0.5  # γ_0 / λ_0
     beta1: float = 0.1  # λ pace: f_t = f0 (1+β1)^t (quantile) or λ_t = λ_0 (1+β1)^t (absolute)
     beta2: float = 0.1  # γ pace: ρ_t = ρ0 (1+β2)^t
@@ -139,8 +140,13 @@ class Config:
         return self.m * self.d
 
     def refresh_iterations(self, n_train: int) -> int:
-        """R: embedding iterations between index refreshes (default one embedding epoch, NOTES §2)."""
+        """R: embedding iterations between index refreshes (default one embedding epoch, NOTES §2); -1 = never
+        after the warm-up."""
         return self.refresh or math.ceil(n_train / self.magnet_batch)
+
+    def warmup_iterations(self, n_train: int) -> int:
+        """Embedding iterations before the student's first selection: embed_warmup epochs of ceil(N / 64)."""
+        return math.ceil(self.embed_warmup * math.ceil(n_train / self.magnet_batch))
 
 
 # Per-dataset settings of paper §4 (NOTES §5); the cpu preset is ours, sized for 2 cores in about 10 minutes.
@@ -148,18 +154,20 @@ class Config:
 PRESETS = {
     "paper": {
         "fashionmnist": dict(student="resnet18", embed_net="lenet", batch_size=128, lr=0.001, epochs=40,
-                             augment="hflip,vflip,shift=2,rotate=10", dropout=0.0, milestones="none"),
+                             augment="hflip,vflip,shift=2,rotate=10", dropout=0.0, milestones="none",
+                             score_batch=1024),
         "mnist": dict(student="resnet18", embed_net="lenet", batch_size=128, lr=0.001, epochs=40,
-                      augment="shift=2,rotate=10", dropout=0.0, milestones="none"),
+                      augment="shift=2,rotate=10", dropout=0.0, milestones="none", score_batch=1024),
         "svhn": dict(student="wrn-16-8", embed_net="vgg16", batch_size=128, lr=0.01, epochs=65,
-                     augment="none", dropout=0.4, milestones="0.5,0.75"),
+                     augment="none", dropout=0.4, milestones="0.5,0.75", score_batch=1024),
         "cifar10": dict(student="resnet18", embed_net="vgg16", batch_size=128, lr=0.1, updates=78000,
-                        augment="hflip,shift=4", dropout=0.0, milestones="0.3,0.6,0.8"),
+                        augment="hflip,shift=4", dropout=0.0, milestones="0.3,0.6,0.8", score_batch=1024),
         "cifar100": dict(student="wrn-28-10", embed_net="vgg16", batch_size=128, lr=0.1, updates=78000,
-                         augment="none", dropout=0.3, milestones="0.3,0.6,0.8"),
+                         augment="none", dropout=0.3, milestones="0.3,0.6,0.8", score_batch=1024),
     },
     "cpu": {name: dict(student="lenet", embed_net="lenet", batch_size=128, lr=0.01, epochs=8, dropout=0.0,
-                       augment="hflip,shift=2", milestones="0.7", embed_dim=32, train_size=20000)
+                       augment="shift=2" if name in ("mnist", "svhn") else "hflip,shift=2",  # digits never flip
+                       milestones="0.7", embed_dim=32, train_size=20000, score_batch=256)
             for name in ("fashionmnist", "mnist", "svhn", "cifar10", "cifar100")},
 }
 BENCH_CPU = dict(train_size=5000, test_size=5000, epochs=10)  # ./run.sh bench on 2 cores: 33 minutes measured
@@ -290,17 +298,20 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float().view(1, -1, 1, 1), (mean_sq - mean ** 2).sqrt().float().view(1, -1, 1, 1)
 
 
-def balanced_subset(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n indices, an equal share (±1) of each class, drawn at random -> (n,) sorted int64."""
-    classes = labels.unique()
-    picks = []
-    for j, c in enumerate(classes.tolist()):
-        members = (labels == c).nonzero().flatten()
-        share = n // len(classes) + (j < n % len(classes))
-        if share > len(members):
-            raise DataError(f"a class-balanced subset of {n} needs {share} of class {c}, which has {len(members)}")
-        picks.append(members[torch.randperm(len(members), generator=generator)[:share]])
-    return torch.cat(picks).sort().values
+def balanced_subset(labels: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, bool]:
+    """n indices drawn at random: an equal share (±1) of each class where every class has it, else a stratified
+    subset (shares ∝ class sizes, largest remainder; the whole split when n = N). -> (n,) sorted int64, and
+    whether the subset is balanced."""
+    classes, counts = labels.unique(return_counts=True)  # (C,), (C,)
+    shares = n // len(classes) + (torch.arange(len(classes)) < n % len(classes)).long()  # (C,)
+    balanced = bool((shares <= counts).all())
+    if not balanced:
+        exact = counts.double() * n / counts.sum()  # (C,)
+        shares = exact.floor().long()
+        shares[torch.argsort(exact - shares, descending=True)[:n - int(shares.sum())]] += 1
+    members = [(labels == c).nonzero().flatten() for c in classes.tolist()]
+    picks = [m[torch.randperm(len(m), generator=generator)[:share]] for m, share in zip(members, shares.tolist())]
+    return torch.cat(picks).sort().values, balanced
 
 
 def parse_augment(spec: str) -> dict:
@@ -638,37 +649,68 @@ def magnet_predict(emb: torch.Tensor, centroids: torch.Tensor, cluster_class: to
 
 
 # ---- 7. SPLD selector (paper §3.2, Alg. 2 steps 7-13, Eq. 2) ---------------------------------------------
-def spld_select(losses: torch.Tensor, groups: torch.Tensor, lam: float, gamma: float) -> torch.Tensor:
-    """Global optimum of Eq. 2, min_W Σ W_i L_i − λ Σ W_i − γ Σ_k ‖W^k‖₂ over W ∈ {0,1}^N (Jiang et al., NIPS
-    2014): inside each group rank losses ascending, i = 1, 2, ..., keep i iff L_i < λ + γ/(√i + √(i−1)).
-    losses (N,), groups (N,) non-negative ints -> mask (N,) bool. One sort, no loop over groups."""
-    if losses.dim() != 1 or groups.shape != losses.shape:
-        raise ValueError(f"spld_select needs losses (N,) and groups (N,), got {tuple(losses.shape)} and "
-                         f"{tuple(groups.shape)}")
+def rank_in_group(losses: torch.Tensor, groups: torch.Tensor):
+    """Sort by group, then by loss inside it: one stable sort pair, no loop over groups. losses (N,), groups (N,)
+    non-negative ints -> order (N,), rank (N,) = 1..n_k of order's samples inside their group, sizes (G,)."""
     by_loss = torch.argsort(losses, stable=True)  # (N,)
     order = by_loss[torch.argsort(groups[by_loss], stable=True)]  # (N,) by group, then by loss inside it
     g = groups[order]  # (N,)
     sizes = torch.bincount(g)  # (G,)
     start = torch.cumsum(sizes, 0) - sizes  # (G,) first position of each group
-    rank = (torch.arange(len(g), device=g.device) - start[g] + 1).double()  # (N,) i = 1..n_k inside each group
+    return order, torch.arange(len(g), device=g.device) - start[g] + 1, sizes  # (N,), (N,), (G,)
+
+
+def spld_select(losses: torch.Tensor, groups: torch.Tensor, lam, gamma: float) -> torch.Tensor:
+    """Global optimum of Eq. 2, min_W Σ W_i L_i − λ Σ W_i − γ Σ_k ‖W^k‖₂ over W ∈ {0,1}^N (Jiang et al., NIPS
+    2014): inside each group rank losses ascending, i = 1, 2, ..., keep i iff L_i < λ + γ/(√i + √(i−1)).
+    losses (N,), groups (N,) non-negative ints, lam a float or one λ_k per group (G,) -> mask (N,) bool."""
+    if losses.dim() != 1 or groups.shape != losses.shape:
+        raise ValueError(f"spld_select needs losses (N,) and groups (N,), got {tuple(losses.shape)} and "
+                         f"{tuple(groups.shape)}")
+    order, rank, _ = rank_in_group(losses, groups)  # (N,), (N,)
+    lam = torch.as_tensor(lam, dtype=torch.float64, device=losses.device)
+    lam = lam[groups[order]] if lam.dim() else lam  # (N,) or (): Eq. 2 separates over groups, so λ may differ
+    rank = rank.double()
     threshold = lam + gamma / (rank.sqrt() + (rank - 1).sqrt())  # (N,) Eq. 2, Alg. 2 step 10
     mask = torch.empty_like(losses, dtype=torch.bool)
     mask[order] = losses[order].double() < threshold
     return mask  # (N,)
 
 
+def rank_quota(f: float, sizes: torch.Tensor) -> int:
+    """K_t of the rank pace: a fraction f of the mean size of the non-empty groups (sizes (G,)), rounded up."""
+    nonempty = sizes[sizes > 0]
+    return math.ceil(f * int(nonempty.sum()) / len(nonempty))
+
+
 def spld_pace(losses: torch.Tensor, t: int, mode: str, f0: float, rho0: float, beta1: float, beta2: float,
-              lam0: float = 0.0, gamma0: float = 0.0) -> tuple[float, float]:
+              lam0: float = 0.0, gamma0: float = 0.0, groups: torch.Tensor | None = None):
     """λ_t, γ_t for SPL iteration t = 0, 1, ... (Alg. 2 step 16). The paper sets them "according to the ranked
     samples": UNSPECIFIED beyond that (NOTES §3). quantile: λ_t is the loss quantile that keeps
     f_t = min(1, f0 (1+β1)^t) of the samples by easiness alone, γ_t = ρ0 (1+β2)^t λ_t. absolute: λ_0, γ_0 as
-    quantile at t = 0, then λ_0 (1+β1)^t, γ_0 (1+β2)^t."""
+    quantile at t = 0, then λ_0 (1+β1)^t, γ_0 (1+β2)^t. rank (needs groups): one λ_k per group (G,), the loss
+    that keeps the K_t = ⌈f_t · mean group size⌉ lowest of each group, γ_t as quantile."""
     if mode == "absolute" and t > 0:  # DEVIATION: grows by (1+β); step 16 as printed (λ ← β1 λ) would shrink it
         return lam0 * (1 + beta1) ** t, gamma0 * (1 + beta2) ** t
-    f = min(1.0, f0 * (1 + beta1) ** t)
-    lam = math.inf if f >= 1 else torch.quantile(losses.double(), f).item()
-    rho = rho0 * (1 + beta2) ** t
+    f, rho = f0 * (1 + beta1) ** t, rho0 * (1 + beta2) ** t
+    quantile = torch.quantile(losses.double(), min(f, 1.0)).item()
+    if mode == "rank":  # DEVIATION: λ per cluster, the authors' count pace (NOTES §8); Eq. 2 still decides
+        order, rank, sizes = rank_in_group(losses, groups)  # (N,), (N,), (G,)
+        lam = torch.full((len(sizes),), math.inf, dtype=torch.float64, device=losses.device)  # (G,)
+        first_out = order[rank == rank_quota(f, sizes) + 1]  # the (K_t+1)-th lowest loss of each larger group
+        lam[groups[first_out]] = losses[first_out].double()
+        return lam, rho * quantile
+    lam = math.inf if f >= 1 else quantile
     return lam, rho * lam if rho > 0 else 0.0
+
+
+def pace_keeps_all(t: int, mode: str, f0: float, beta1: float, sizes: torch.Tensor | None = None) -> bool:
+    """True when SPL iteration t (and so every later one) keeps every sample whatever the losses: quantile pace
+    once f_t ≥ 1, rank pace once K_t ≥ the largest group (sizes (G,)); never for the absolute pace."""
+    f = f0 * (1 + beta1) ** t
+    if mode == "quantile":
+        return f >= 1
+    return mode == "rank" and sizes is not None and rank_quota(f, sizes) >= int(sizes.max())
 
 
 # ---- 8. training steps and evaluation --------------------------------------------------------------------
@@ -694,9 +736,9 @@ def autocast(device: torch.device):
 
 
 def build_net(name, shape, n_out, dropout, device) -> nn.Module:
-    """make_net on the device; channels_last for convolutions on CUDA."""
+    """make_net on the device, channels_last."""
     net = make_net(name, shape[0], n_out, shape[1], dropout).to(device)
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+    return net.to(memory_format=torch.channels_last)  # also on the CPU: oneDNN convolutions run 1.2-2.4x faster
 
 
 @torch.inference_mode()
@@ -762,7 +804,31 @@ def embedding_refresh(state: dict, data: dict, cfg: Config) -> dict:
     predicted = magnet_predict(test_emb, centroids, cluster_class, variance, min(cfg.neighbours, len(centroids)))
     state["version"] += 1
     return {"assign": assign, "centroids": centroids, "cluster_class": cluster_class,
-            "embed_acc": (predicted == data["y_test"]).float().mean().item(), "version": state["version"]}
+            "embed_acc": (predicted == data["y_test"]).float().mean().item(), "version": state["version"],
+            "iteration": state["iteration"]}
+
+
+def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
+    """The embedding iteration of the next index refresh: every R iterations and at the end of the warm-up;
+    with R = -1 (frozen) only the warm-up's, then None."""
+    if every < 0:
+        return warmup if iteration < warmup else None
+    nxt = (iteration // every + 1) * every
+    return min(nxt, warmup) if iteration < warmup else nxt
+
+
+def embedding_catch_up(state: dict, data: dict, cfg: Config) -> dict | None:
+    """Inline mode, before a selection: the same schedule as the child, run in this process. Train to the end
+    of the warm-up (refreshing every R on the way), or one more refresh interval after it. -> newest index, or
+    None when frozen (nothing to refresh)."""
+    n = len(data["y_train"])
+    every, warmup = cfg.refresh_iterations(n), cfg.warmup_iterations(n)
+    target = warmup if state["iteration"] < warmup else next_refresh(state["iteration"], every, warmup)
+    index = None
+    while target is not None and state["iteration"] < target:
+        embedding_train(state, data, cfg, next_refresh(state["iteration"], every, warmup) - state["iteration"])
+        index = embedding_refresh(state, data, cfg)  # Alg. 1 step 2
+    return index
 
 
 def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_going=lambda: True):
@@ -839,13 +905,14 @@ def make_shared_index(n: int, n_clusters: int, dim: int, device: torch.device) -
     return {k: v.share_memory_() if v.device.type == "cpu" else v for k, v in index.items()}
 
 
-def publish(shared: dict, lock, index: dict, iteration: int):
+def publish(shared: dict, lock, index: dict):
     with lock:
         for key in ("assign", "centroids", "cluster_class"):
             shared[key].copy_(index[key])
         if shared["assign"].is_cuda:
             torch.cuda.synchronize(shared["assign"].device)
-        shared["status"].copy_(torch.tensor([index["version"], index["embed_acc"], iteration], dtype=torch.float64))
+        shared["status"].copy_(torch.tensor([index["version"], index["embed_acc"], index["iteration"]],
+                                            dtype=torch.float64))
 
 
 def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, errors, state_path: str, resume: bool,
@@ -862,12 +929,18 @@ def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, error
             load_embedding_state(state, torch.load(state_path, weights_only=False))
         parent = mp.parent_process()
         keep_going = lambda: not stop.is_set() and parent.is_alive()  # exits on its own if the parent is killed
-        refresh_every = cfg.refresh_iterations(len(data["y_train"]))
+        every, warmup = cfg.refresh_iterations(len(data["y_train"])), cfg.warmup_iterations(len(data["y_train"]))
+        index = embedding_refresh(state, data, cfg)
         while keep_going():
-            index = embedding_refresh(state, data, cfg)  # Alg. 1 step 2, every R iterations
-            publish(shared, lock, index, state["iteration"])
+            publish(shared, lock, index)
             save_atomic(embedding_state_dict(state), state_path)
-            embedding_train(state, data, cfg, refresh_every, keep_going)
+            target = next_refresh(state["iteration"], every, warmup)
+            while target is None and keep_going():  # frozen after the warm-up: wait to be stopped
+                time.sleep(0.1)
+            if target is not None:
+                embedding_train(state, data, cfg, target - state["iteration"], keep_going)
+            if keep_going():
+                index = embedding_refresh(state, data, cfg)  # Alg. 1 step 2, every R iterations
     except BaseException as e:
         text = f"{type(e).__name__}: {e}"
         sys.stderr.write(f"[embedding] failed:\n{traceback.format_exc()}")
@@ -904,21 +977,22 @@ def check_embedding_process(handle: dict):
     raise EmbeddingFailed(f"embedding process (pid {proc.pid}) died: {cause}")
 
 
-def read_index(handle: dict, min_version: int, stop) -> dict | None:
-    """Wait (checking the child and stop()) until an index of version >= min_version is published, then copy it
-    under the lock. Never blocks for ever: a child that dies holding the lock is noticed. None if stopped."""
+def read_index(handle: dict, min_iteration: int, stop) -> dict | None:
+    """Wait (checking the child and stop()) until an index computed after >= min_iteration embedding iterations is
+    published, then copy it under the lock. Never blocks for ever: a child that dies holding the lock is noticed.
+    None if stopped."""
     shared, lock = handle["shared"], handle["lock"]
     while True:
         check_embedding_process(handle)
         if stop():
             return None
-        if shared["status"][0] >= min_version and lock.acquire(timeout=1.0):
+        if shared["status"][0] >= 1 and shared["status"][2] >= min_iteration and lock.acquire(timeout=1.0):
             try:
                 index = {k: v.clone() for k, v in shared.items()}
             finally:
                 lock.release()
-            version, acc, _ = index.pop("status").tolist()
-            return {**index, "version": int(version), "embed_acc": acc}
+            version, acc, iteration = index.pop("status").tolist()
+            return {**index, "version": int(version), "embed_acc": acc, "iteration": int(iteration)}
         time.sleep(0.05)
 
 
@@ -999,16 +1073,22 @@ def prepare_data(cfg: Config, device: torch.device) -> dict:
                              ("train_size", cfg.train_size, len(y) - cfg.val_size)):
         if size > pool:
             raise ConfigError(f"--{name.replace('_', '-')} {size} is larger than the {pool} samples available")
+    def subset(labels, n, name):
+        keep, balanced = balanced_subset(labels, n, gen)
+        if not balanced:
+            print(f"[data] --{name} {n}: the classes are too unequal for a balanced subset; taking a stratified "
+                  f"one (shares ∝ class sizes)", flush=True)
+        return keep
     if cfg.val_size:
-        val = balanced_subset(y, cfg.val_size, gen)
+        val = subset(y, cfg.val_size, "val-size")
         rest = torch.ones(len(y), dtype=torch.bool)
         rest[val] = False
         x_test, y_test, x, y = x[val], y[val], x[rest], y[rest]
     elif cfg.test_size:
-        keep = balanced_subset(y_test, cfg.test_size, gen)
+        keep = subset(y_test, cfg.test_size, "test-size")
         x_test, y_test = x_test[keep], y_test[keep]
     if cfg.train_size:
-        keep = balanced_subset(y, cfg.train_size, gen)
+        keep = subset(y, cfg.train_size, "train-size")
         x, y = x[keep], y[keep]
     mean, std = channel_stats(x)
     data = {"x_train": x, "y_train": y, "x_test": x_test, "y_test": y_test, "mean": mean, "std": std}
@@ -1037,6 +1117,80 @@ def fixed_pixel_clusters(data: dict, k: int, iters: int, seed: int) -> torch.Ten
     return build_cluster_index(pixels, data["y_train"], k, iters, gen)[0]
 
 
+def resume_student(ckpt_path: str, metrics_path: str, net, opt, sched, device) -> dict:
+    """--resume: restore the student, its optimiser and schedule, and the RNGs; cut metrics.jsonl back to the
+    checkpoint (a torn line, lines written after it). -> the checkpoint (its "state" is the loop's state)."""
+    ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)
+    net.load_state_dict(ckpt["student"])
+    opt.load_state_dict(ckpt["opt"])
+    sched.load_state_dict(ckpt["sched"])
+    set_rng_states(ckpt["rng"], device)
+    records = read_jsonl(metrics_path, ckpt["state"]["updates"])
+    with open(metrics_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return ckpt
+
+
+def start_clusters(cfg: Config, data: dict, out: str, ckpt: dict | None, cores: int):
+    """Alg. 2 step 2: the embedding trainer in parallel (a child process) or inline (state in this process); SPLD's
+    fixed pixel clusters; nothing for random and SPL. -> (child handle, inline state, first index), None where
+    not used."""
+    shape, n_classes = tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1
+    index = ckpt["index"] if ckpt else None
+    if cfg.sampler == "spld" and index is None:  # fixed once, never refreshed
+        index = {"assign": fixed_pixel_clusters(data, cfg.k, cfg.kmeans_iters, cfg.seed), "version": 0,
+                 "embed_acc": None, "iteration": 0}
+    if cfg.sampler != "spladvise":
+        return None, None, index
+    if cfg.embed_mode == "inline":
+        estate = new_embedding_state(cfg, shape, data["x_train"].device)
+        if ckpt:
+            load_embedding_state(estate, ckpt["embedding"])
+        fresh = embedding_refresh(estate, data, cfg)  # the neighbourhood sampler needs an index to draw from
+        return None, estate, index or fresh
+    state_path = os.path.join(out, "embed_state.pt")
+    if ckpt and ckpt["embedding"] is not None and not os.path.exists(state_path):
+        save_atomic(ckpt["embedding"], state_path)
+    embed_device = torch.device(cfg.gpu if cfg.embed_gpu == "same" else cfg.embed_gpu)
+    # the child needs CPU threads only for its own work when it trains on the CPU; on a GPU it needs two
+    child_threads = max(1, cores - cores // 2) if embed_device.type == "cpu" else min(2, cores)
+    handle = start_embedding_process(cfg, {k: v.to(embed_device) for k, v in data.items()}, n_classes * cfg.k,
+                                     state_path, child_threads)
+    print(f"[embedding] pid={handle['proc'].pid} device={embed_device}", flush=True)
+    return handle, None, index
+
+
+def save_checkpoint(path: str, cfg: Config, net, opt, sched, st: dict, index, estate, device):
+    """One atomic file holding everything --resume needs (STYLE §8); the child's state comes from its own file."""
+    state_path = os.path.join(os.path.dirname(path), "embed_state.pt")
+    embedding = (embedding_state_dict(estate) if estate is not None else
+                 torch.load(state_path, weights_only=False) if os.path.exists(state_path) else None)
+    save_atomic({"config": dataclasses.asdict(cfg), "student": net.state_dict(), "opt": opt.state_dict(),
+                 "sched": sched.state_dict(), "state": st, "rng": rng_states(device), "embedding": embedding,
+                 "index": index}, path)
+
+
+def log_pass(path: str, record: dict):
+    """One metrics.jsonl line and one log line per pass."""
+    append_jsonl(path, record)
+    fields = ("pass", "updates", "epoch", "train_loss", "test_acc", "selected_frac", "clusters_used",
+              "embed_version", "embed_acc", "wall_s", "t_train", "t_score", "t_embed", "t_select")
+    print("[student] " + " ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
+                                  for k in fields), flush=True)
+
+
+def write_summary(cfg: Config, st: dict, budget: int, device: torch.device) -> dict:
+    records = read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl"))
+    summary = {"final_acc": records[-1]["test_acc"] if records else None, "best_acc": st["best_acc"],
+               "updates": st["updates"], "budget": budget, "complete": st["updates"] >= budget,
+               "wall_s": st["wall"], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"cpu ({len(os.sched_getaffinity(0))} cores)", "torch": torch.__version__, "sampler": cfg.sampler,
+               "seed": cfg.seed, "evaluated_on": "validation" if cfg.val_size else "test"}
+    with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
 def train(cfg: Config, stop_requested=lambda: False) -> dict:
     """One run of Alg. 2 (or a baseline sampler) -> summary. Writes OUT/{config.json, metrics.jsonl,
     summary.json, ckpt.pt}; `stop_requested()` (signals) ends it cleanly after checkpointing."""
@@ -1045,15 +1199,15 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     ckpt_path, metrics_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "metrics.jsonl")
     seed_everything(cfg.seed, cfg.deterministic)
     cores = len(os.sched_getaffinity(0))
-    parallel = cfg.sampler == "spladvise" and cfg.embed_mode == "process"
-    embed_device = torch.device(cfg.gpu if cfg.embed_gpu == "same" else cfg.embed_gpu)
-    if device.type == "cpu":  # the two processes share the cores: their thread counts must not exceed them
-        torch.set_num_threads(max(1, cores // 2) if parallel and embed_device.type == "cpu" else cores)
+    shares_cores = cfg.sampler == "spladvise" and cfg.embed_mode == "process" and device.type == "cpu" and \
+        cfg.embed_gpu in ("same", "cpu")
+    torch.set_num_threads(max(1, cores // 2) if shares_cores else cores)  # the two processes' threads <= cores
     data = prepare_data(cfg, device)
     check_against_data(cfg, data)
     n, n_classes, shape = len(data["y_train"]), int(data["y_train"].max()) + 1, tuple(data["x_train"].shape[1:])
     per_epoch = math.ceil(n / cfg.batch_size)
     budget = cfg.updates or math.ceil(cfg.epochs * per_epoch)  # DEVIATION: counted in updates (Fig. 3's x-axis)
+    warmup = cfg.warmup_iterations(n)
     net = build_net(cfg.student, shape, n_classes, cfg.dropout, device)
     forward = torch.compile(net) if cfg.compile else net
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -1061,46 +1215,16 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     milestones = [round(float(f) * budget) for f in cfg.milestones.replace("none", "").split(",") if f]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, cfg.lr_decay)
     aug = parse_augment(cfg.augment)
-    st = {"updates": 0, "passes": 0, "t": 0, "lam0": 0.0, "gamma0": 0.0, "wall": 0.0, "best_acc": 0.0,
-          "selected": None}
-    index, estate, handle = None, None, None
-    if cfg.resume:
-        ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)
-        net.load_state_dict(ckpt["student"])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
-        st = ckpt["state"]
-        set_rng_states(ckpt["rng"], device)
-        index = ckpt["index"]
-        records = read_jsonl(metrics_path, st["updates"])
-        with open(metrics_path, "w") as f:  # drop a torn line and lines after the checkpoint
-            f.writelines(json.dumps(r) + "\n" for r in records)
+    ckpt = resume_student(ckpt_path, metrics_path, net, opt, sched, device) if cfg.resume else None
+    st = ckpt["state"] if ckpt else {"updates": 0, "passes": 0, "lam0": 0.0, "gamma0": 0.0, "wall": 0.0,
+                                     "best_acc": 0.0, "selected": None, "sizes": None}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     print(f"[student] device={device} n_train={n} n_test={len(data['y_test'])} budget={budget} updates "
           f"({budget / per_epoch:.2f} epochs) student={cfg.student} sampler={cfg.sampler}", flush=True)
-
-    # Alg. 2 step 2: the embedding trainer, in parallel (a child process) or inline (in this process)
-    state_path = os.path.join(out, "embed_state.pt")
-    if parallel:
-        if cfg.resume and ckpt["embedding"] is not None and not os.path.exists(state_path):
-            save_atomic(ckpt["embedding"], state_path)
-        child_data = {k: v.to(embed_device) for k, v in data.items()}
-        # the child needs CPU threads only for its own work when it trains on the CPU; on a GPU it needs two
-        child_threads = max(1, cores - cores // 2) if embed_device.type == "cpu" else min(2, cores)
-        handle = start_embedding_process(cfg, child_data, n_classes * cfg.k, state_path, child_threads)
-        print(f"[embedding] pid={handle['proc'].pid} device={embed_device}", flush=True)
-    elif cfg.sampler == "spladvise":
-        estate = new_embedding_state(cfg, shape, device)
-        if cfg.resume:
-            load_embedding_state(estate, ckpt["embedding"])
-        index = embedding_refresh(estate, data, cfg)
-    elif cfg.sampler == "spld":  # fixed once, never refreshed
-        index = {"assign": fixed_pixel_clusters(data, cfg.k, cfg.kmeans_iters, cfg.seed), "version": 0,
-                 "embed_acc": None}
-    last_check = [time.time()]
-    failure = []
+    handle, estate, index = start_clusters(cfg, data, out, ckpt, cores)  # Alg. 2 step 2
+    last_check, failure = [time.time()], []
 
     def stop():  # signals, the time budget, and (every 2 s) the embedding child's liveness
         if handle is not None and time.time() - last_check[0] > 2:
@@ -1114,35 +1238,50 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
 
     try:
         while st["updates"] < budget and not stop():
-            t0 = time.time()
-            # Alg. 2 steps 5-13: score every sample, read the newest clusters, select (the first pass takes all)
-            t_score = t_select = t_embed = 0.0
-            if st["passes"] > 0 and cfg.sampler != "random":
-                losses = score_samples(net, data["x_train"], data["y_train"], data["mean"], data["std"],
-                                       cfg.score_batch, device)  # (N,)
-                t1 = time.time()
-                t_score = t1 - t0
+            t = st["passes"] - 1  # SPL iteration of this pass; the first pass (t = -1) trains on every sample
+            times = dict.fromkeys(("t_embed", "t_score", "t_select"), 0.0)
+            # Alg. 2 step 16: once the pace keeps every sample, no later pass needs clusters or scores
+            pace_done = cfg.sampler == "random" or pace_keeps_all(t, cfg.pace, cfg.f0, cfg.beta1, st["sizes"])
+            frozen_done = cfg.refresh < 0 and index is not None and index["iteration"] >= warmup
+            if handle is not None and (pace_done or frozen_done):
+                stop_embedding_process(handle)
+                handle = None
+                torch.set_num_threads(cores)
+                print(f"[embedding] stopped before pass {st['passes'] + 1} (update {st['updates']}): "
+                      f"{'the pace keeps every sample from here on' if pace_done else 'the index is frozen'}; "
+                      f"the student now uses {cores} threads", flush=True)
+            st["selected"] = None
+            if t >= 0 and not pace_done:
+                t0 = time.time()
+                # Alg. 2 step 2 (Alg. 1): the newest clusters; the first selection waits for the warm-up
                 if handle is not None:
-                    index = read_index(handle, 1, stop) or index
+                    index = read_index(handle, warmup, stop) or index
                 elif estate is not None:
-                    embedding_train(estate, data, cfg, cfg.refresh_iterations(n))
-                    index = embedding_refresh(estate, data, cfg)
-                if index is None and cfg.sampler != "spl":  # stopped while waiting for the first index
-                    break
-                t2 = time.time()
-                t_embed = t2 - t1
+                    index = embedding_catch_up(estate, data, cfg) or index
+                if cfg.sampler == "spladvise" and (index is None or index["iteration"] < warmup):
+                    break  # stopped while waiting
                 g = torch.zeros_like(data["y_train"]) if cfg.sampler == "spl" else index["assign"].to(device)
-                rho0 = 0.0 if cfg.sampler == "spl" else cfg.rho0  # SPL: γ = 0, one group (NOTES §4)
-                if st["t"] == 0:
-                    st["lam0"], st["gamma0"] = spld_pace(losses, 0, "quantile", cfg.f0, rho0, 0, 0)
-                lam, gamma = spld_pace(losses, st["t"], cfg.pace, cfg.f0, rho0, cfg.beta1, cfg.beta2,
-                                       st["lam0"], st["gamma0"])
-                mask = spld_select(losses, g, lam, gamma)  # (N,) Alg. 2 steps 7-13
-                st["selected"] = mask.nonzero().flatten()
-                st["clusters_used"] = int(torch.unique(g[mask]).numel())
-                st["t"] += 1  # Alg. 2 step 16: λ, γ grow with t
-                st["lam"], st["gamma"] = lam, gamma
-                t_select = time.time() - t2
+                st["sizes"] = torch.bincount(g).cpu()  # (G,)
+                t1 = time.time()
+                times["t_embed"] = t1 - t0
+                # Alg. 2 steps 5-6: the student's loss of every sample, unless the pace keeps them all anyway
+                if not pace_keeps_all(t, cfg.pace, cfg.f0, cfg.beta1, st["sizes"]):
+                    losses = score_samples(net, data["x_train"], data["y_train"], data["mean"], data["std"],
+                                           cfg.score_batch, device)  # (N,)
+                    t2 = time.time()
+                    times["t_score"] = t2 - t1
+                    # Alg. 2 steps 7-13: λ_t, γ_t from the pace (step 16), then the closed form of Eq. 2
+                    rho0 = 0.0 if cfg.sampler == "spl" else cfg.rho0  # SPL: γ = 0, one group (NOTES §4)
+                    if t == 0:
+                        st["lam0"], st["gamma0"] = spld_pace(losses, 0, "quantile", cfg.f0, rho0, 0, 0)
+                    lam, gamma = spld_pace(losses, t, cfg.pace, cfg.f0, rho0, cfg.beta1, cfg.beta2, st["lam0"],
+                                           st["gamma0"], g)
+                    mask = spld_select(losses, g, lam, gamma)  # (N,)
+                    st["selected"] = mask.nonzero().flatten()
+                    st["clusters_used"] = int(torch.unique(g[mask]).numel())
+                    st["lam"] = lam if isinstance(lam, float) else lam[lam < math.inf].mean().item()
+                    st["gamma"] = gamma
+                    times["t_select"] = time.time() - t2
             pool = st["selected"] if st["selected"] is not None else torch.arange(n, device=device)
             t3 = time.time()
             # Alg. 2 steps 3-4: one shuffled pass over the selected samples
@@ -1160,41 +1299,22 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             st["best_acc"] = max(st["best_acc"], test_acc)
             st["wall"] += time.time() - t_start
             t_start = time.time()
-            record = {"updates": st["updates"], "epoch": round(st["updates"] / per_epoch, 4), "pass": st["passes"],
-                      "train_loss": train_loss, "test_acc": test_acc, "selected_frac": len(pool) / n,
-                      "clusters_used": st.get("clusters_used") if st["selected"] is not None else None,
-                      "lam": st.get("lam"), "gamma": st.get("gamma"),
-                      "embed_version": index["version"] if index else None,
-                      "embed_acc": index["embed_acc"] if index else None, "lr": sched.get_last_lr()[0],
-                      "wall_s": st["wall"], "t_train": t_train, "t_score": t_score, "t_embed": t_embed,
-                      "t_select": t_select}
-            append_jsonl(metrics_path, record)
-            print(f"[student] pass={st['passes']} updates={st['updates']} epoch={record['epoch']:.2f} "
-                  f"loss={train_loss:.4f} acc={test_acc:.4f} selected={record['selected_frac']:.3f} "
-                  f"clusters={record['clusters_used']} embed_v={record['embed_version']} "
-                  f"embed_acc={-1 if record['embed_acc'] is None else record['embed_acc']:.4f} wall={st['wall']:.1f}s "
-                  f"t_train={t_train:.2f} t_score={t_score:.2f} t_embed={t_embed:.2f} t_select={t_select:.3f}",
-                  flush=True)
-            embedding = (embedding_state_dict(estate) if estate is not None else
-                         torch.load(state_path, weights_only=False) if parallel and os.path.exists(state_path)
-                         else None)
-            save_atomic({"config": dataclasses.asdict(cfg), "student": net.state_dict(), "opt": opt.state_dict(),
-                         "sched": sched.state_dict(), "state": st, "rng": rng_states(device),
-                         "embedding": embedding, "index": index}, ckpt_path)
+            selecting = st["selected"] is not None
+            log_pass(metrics_path, {
+                "updates": st["updates"], "epoch": round(st["updates"] / per_epoch, 4), "pass": st["passes"],
+                "train_loss": train_loss, "test_acc": test_acc, "selected_frac": len(pool) / n,
+                "clusters_used": st["clusters_used"] if selecting else None,
+                "lam": st["lam"] if selecting else None, "gamma": st["gamma"] if selecting else None,
+                **{key: index[k] if index else None for key, k in (("embed_version", "version"),
+                                                                   ("embed_acc", "embed_acc"), ("embed_iter", "iteration"))},
+                "lr": sched.get_last_lr()[0], "wall_s": st["wall"], "t_train": t_train, **times})
+            save_checkpoint(ckpt_path, cfg, net, opt, sched, st, index, estate, device)
     finally:
         if handle is not None:
             stop_embedding_process(handle)
     if failure:
         raise failure[0]
-    records = read_jsonl(metrics_path)
-    summary = {"final_acc": records[-1]["test_acc"] if records else None, "best_acc": st["best_acc"],
-               "updates": st["updates"], "budget": budget, "complete": st["updates"] >= budget,
-               "wall_s": st["wall"], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"cpu ({cores} cores)", "torch": torch.__version__, "sampler": cfg.sampler, "seed": cfg.seed,
-               "evaluated_on": "validation" if cfg.val_size else "test"}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+    return write_summary(cfg, st, budget, device)
 
 
 # ---- 11. runs, seeds and benchmark -----------------------------------------------------------------------
@@ -1258,12 +1378,14 @@ def run_finished(run: Config) -> bool:
         return False
 
 
-def run_parallel(runs: list[Config], jobs: int, stop_requested) -> None:
+def run_parallel(runs: list[Config], jobs: int, stop_requested, progress: dict) -> None:
     """Each run as its own spladvise.py process (log in OUT/log.txt), `jobs` at a time; runs already complete
-    are reused. A run that fails stops the benchmark with its log's last line; a stop request is passed on as
-    SIGTERM, so each run checkpoints."""
+    are reused. A line per finished run: runs done / total, its accuracy, elapsed time, an estimate of the rest.
+    A run that fails stops the benchmark with its log's last line; a stop request is passed on as SIGTERM, so
+    each run checkpoints."""
     import subprocess
     waiting, active = [run for run in runs if not run_finished(run)], []
+    progress["done"] += len(runs) - len(waiting)
     while (waiting and not stop_requested()) or active:
         while waiting and len(active) < jobs and not stop_requested():
             run = waiting.pop(0)
@@ -1282,6 +1404,14 @@ def run_parallel(runs: list[Config], jobs: int, stop_requested) -> None:
                         other.terminate()
                     last = open(os.path.join(run.run_dir, "log.txt")).read().strip().splitlines()[-1:]
                     raise BenchmarkFailed(f"benchmark run {run.run_dir} failed (exit {proc.returncode}): {last}")
+                if proc.returncode == 0:
+                    progress["done"], progress["ran"] = progress["done"] + 1, progress["ran"] + 1
+                    elapsed = time.time() - progress["t0"]
+                    left = elapsed / progress["ran"] * (progress["total"] - progress["done"])
+                    acc = json.load(open(os.path.join(run.run_dir, "summary.json")))["final_acc"]
+                    print(f"[bench] {progress['done']}/{progress['total']} runs done: {run.run_dir} "
+                          f"final_acc={acc:.4f}; elapsed {elapsed / 60:.1f} min, about {left / 60:.0f} min left",
+                          flush=True)
         time.sleep(0.2)
     if stop_requested():
         raise BenchmarkFailed("benchmark stopped by a signal; every run it started has checkpointed")
@@ -1291,100 +1421,117 @@ class BenchmarkFailed(Exception):
     """A benchmark run exited with an error; the message holds the last line of its log."""
 
 
-# Pacing grid of ./run.sh bench (paper §4: "5 combinations, the best one"), fixed before any result was seen:
-# (f0, rho0, beta1 = beta2). SPL ignores rho0, so it runs the distinct (f0, beta) pairs only.
+# Rows of ./run.sh bench: what each changes from the shared configuration.
+BENCH_ROWS = {"random": dict(sampler="random"), "spl": dict(sampler="spl"), "spld": dict(sampler="spld"),
+              "spladvise": dict(sampler="spladvise"),
+              "spladvise-frozen": dict(sampler="spladvise", refresh=-1),  # the authors' schedule (NOTES §8)
+              "spladvise-rank": dict(sampler="spladvise", pace="rank")}  # the authors' count pace (NOTES §8)
+# Pacing settings, fixed before any result was seen (paper §4 tried "5 combinations"), each row's best chosen on a
+# validation split: (f0, rho0, beta1 = beta2), for spladvise also the warm-up in embedding epochs. SPL ignores
+# rho0. spladvise-frozen takes spladvise's choice (an ablation changes one thing); spladvise-rank searches its
+# own pace (f0 = K_0 / mean cluster size there) with spladvise's warm-up.
 PACE_GRID = [(0.5, 0.5, 0.1), (0.7, 0.5, 0.1), (0.3, 1.0, 0.2), (0.6, 0.25, 0.2)]
-SAMPLERS = ("random", "spladvise", "spld", "spl")
+SPLADVISE_GRID = [(0.7, 0.5, 0.1, 2), (0.7, 0.5, 0.1, 5), (0.7, 0.5, 0.1, 15), (0.6, 0.25, 0.2, 5),
+                  (0.5, 0.5, 0.1, 5)]
+
+
+def pace_settings(row: str) -> list[dict]:
+    if row == "spladvise":
+        return [dict(f0=f0, rho0=rho, beta1=b, beta2=b, embed_warmup=w) for f0, rho, b, w in SPLADVISE_GRID]
+    return [dict(f0=f0, rho0=0.0 if row == "spl" else rho, beta1=b, beta2=b) for f0, rho, b in PACE_GRID]
 
 
 def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
-    """The sampler comparison of README "Results", in three phases, `bench_jobs` runs at a time:
-    1. pacing: each SPL sampler's PACE_GRID on a validation split held out of the training set (one seed);
-    2. final: every sampler with the same student, budget and seeds (--runs) on the test set;
-    3. overhead: random, spladvise and spladvise --embed-mode inline alone, one after the other, for the cost.
-    Prints Markdown tables; writes OUT/bench.json and OUT/bench.md."""
-    root, seeds = cfg.run_dir, cfg.runs if cfg.runs > 1 else 3  # mean ± std needs several seeds
+    """The comparison of README "Results", `bench_jobs` runs at a time:
+    1. pacing: each SPL row's settings on a validation split held out of the training set (one seed);
+    2. final: every row of BENCH_ROWS with the same student, budget and seeds (--runs) on the test set.
+    Prints Markdown tables (accuracy, cost per phase); writes OUT/bench.json and OUT/bench.md."""
+    root, seeds = cfg.run_dir, cfg.runs if cfg.runs > 1 else 5  # the paper's 5; mean ± std needs several
     base = dataclasses.replace(cfg, bench=False, resume=False, runs=1)
-    val_size = cfg.val_size or max(1000, (cfg.train_size or 60000) // 10)
-    grid = {(sampler, setting): dataclasses.replace(
-        base, sampler=sampler, f0=setting[0], rho0=setting[1], beta1=setting[2], beta2=setting[2],
-        val_size=val_size, out=os.path.join(root, "pacing", f"{sampler}-f{setting[0]}-r{setting[1]}-b{setting[2]}"))
-        for sampler in SAMPLERS[1:] for setting in dict.fromkeys((f0, 0.0 if sampler == "spl" else rho, b)
-                                                                  for f0, rho, b in PACE_GRID)}
-    run_parallel(list(grid.values()), cfg.bench_jobs, stop_requested)
-    val_acc = {key: json.load(open(os.path.join(run.run_dir, "summary.json")))["final_acc"]
-               for key, run in grid.items()}
-    chosen = {s: max((key for key in grid if key[0] == s), key=val_acc.get)[1] for s in SAMPLERS[1:]}
-    pacing = ["| sampler | f0 | rho0 | beta1 = beta2 | validation acc | chosen |", "|---|---|---|---|---|---|"]
-    pacing += [f"| {s} | {f0} | {rho} | {b} | {val_acc[(s, (f0, rho, b))]:.4f} | "
-               f"{'yes' if chosen[s] == (f0, rho, b) else ''} |" for s, (f0, rho, b) in grid]
-    finals = {s: dataclasses.replace(base, sampler=s, runs=seeds, out=os.path.join(root, s),
-                                     **dict(zip(("f0", "rho0", "beta1"), chosen.get(s, (cfg.f0, cfg.rho0, cfg.beta1)))),
-                                     beta2=chosen.get(s, (0, 0, cfg.beta2))[2]) for s in SAMPLERS}
-    run_parallel([run for f in finals.values() for run in seed_runs(f)], cfg.bench_jobs, stop_requested)
-    results = {s: write_aggregate(f) for s, f in finals.items()}
+    val = dataclasses.replace(base, val_size=cfg.val_size or max(1000, (cfg.train_size or 60000) // 10))
+    progress = {"done": 0, "ran": 0, "t0": time.time(),
+                "total": sum(len(pace_settings(r)) for r in ("spl", "spld", "spladvise", "spladvise-rank"))
+                + seeds * len(BENCH_ROWS)}
+    chosen, pacing = {}, ["| row | f0 | rho0 | beta1 = beta2 | warm-up | validation acc | chosen |",
+                          "|---|---|---|---|---|---|---|"]
+    for row in ("spl", "spld", "spladvise", "spladvise-rank"):
+        fixed = {"embed_warmup": chosen["spladvise"]["embed_warmup"]} if row == "spladvise-rank" else {}
+        settings = [{**fixed, **s} for s in pace_settings(row)]
+        runs = [dataclasses.replace(val, **BENCH_ROWS[row], **s, out=os.path.join(
+            root, "pacing", row + "".join(f"-{k}={v}" for k, v in s.items()))) for s in settings]
+        run_parallel(runs, cfg.bench_jobs, stop_requested, progress)
+        accs = [json.load(open(os.path.join(run.run_dir, "summary.json")))["final_acc"] for run in runs]
+        chosen[row] = settings[int(np.argmax(accs))]
+        pacing += [f"| {row} | {s['f0']} | {s['rho0']} | {s['beta1']} | {s.get('embed_warmup', '—')} | {a:.4f} | "
+                   f"{'yes' if s is chosen[row] else ''} |" for s, a in zip(settings, accs)]
+    chosen["spladvise-frozen"] = chosen["spladvise"]
+    finals = {row: dataclasses.replace(base, **BENCH_ROWS[row], **chosen.get(row, {}), runs=seeds,
+                                       out=os.path.join(root, row)) for row in BENCH_ROWS}
+    run_parallel([run for f in finals.values() for run in seed_runs(f)], cfg.bench_jobs, stop_requested, progress)
+    results = {row: write_aggregate(f) for row, f in finals.items()}
     for r in results.values():
         r["metrics"] = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in r["runs"]]
-    overhead = {"random": finals["random"], "spladvise": finals["spladvise"],
-                "spladvise-inline": dataclasses.replace(finals["spladvise"], embed_mode="inline")}
-    overhead = {name: dataclasses.replace(run, runs=1, out=os.path.join(root, "overhead", name))
-                for name, run in overhead.items()}
-    run_parallel(list(overhead.values()), 1, stop_requested)
-    costs = {name: read_jsonl(os.path.join(run.run_dir, "metrics.jsonl")) for name, run in overhead.items()}
     tables = ("Pacing (validation split, one seed):\n\n" + "\n".join(pacing) + "\n\nFinal runs (test set):\n\n"
-              + accuracy_table(results) + "\n\nCost, each run alone (seconds per 1,000 updates):\n\n"
-              + cost_table(costs))
+              + accuracy_table(results) + f"\n\nCost of the final runs ({cfg.bench_jobs} at a time), seconds per "
+              f"1,000 updates, mean over seeds:\n\n" + cost_table(results))
     print("\n" + tables, flush=True)
     with open(os.path.join(root, "bench.json"), "w") as f:
-        json.dump({"chosen": chosen, "validation_acc": {f"{s}-{k}": v for (s, k), v in val_acc.items()},
-                   "results": results, "costs": costs, "config": dataclasses.asdict(cfg)}, f, indent=1)
+        json.dump({"chosen": chosen, "results": results, "config": dataclasses.asdict(cfg)}, f, indent=1)
     with open(os.path.join(root, "bench.md"), "w") as f:
         f.write(tables + "\n")
     return results
 
 
+def seconds_per_1k(run: list[dict], key: str = "wall_s") -> float:
+    """A run's wall seconds (or one phase's, summed over passes) per 1,000 updates."""
+    total = run[-1]["wall_s"] if key == "wall_s" else sum(m[key] for m in run)
+    return 1000 * total / run[-1]["updates"]
+
+
 def accuracy_table(results: dict) -> str:
-    """Markdown: accuracy per sampler (mean ± std over seeds), updates to reach random's final mean accuracy,
-    and the mean test-accuracy curve at a few update counts."""
+    """Markdown: accuracy per row (mean ± std over seeds), updates to reach random's final mean accuracy, cost
+    relative to random, and which embedding the curriculum passes ran on; then the mean test-accuracy curve."""
     target = results["random"]["final_acc"]["mean"]
-    rows = ["| sampler | final acc | best acc | updates to reach random's final | wall s | index versions while "
-            "selecting < 100 % |", "|---|---|---|---|---|---|"]
+    base = np.mean([seconds_per_1k(run) for run in results["random"]["metrics"]])
+    rows = ["| row | final acc | best acc | updates to reach random's final | s / 1k updates (× random) | index "
+            "versions while selecting < 100 % | their soft-vote acc |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         reach = [next((m["updates"] for m in run if m["test_acc"] >= target), None) for run in r["metrics"]]
         hits = [u for u in reach if u is not None]
-        # a curriculum that only ever saw version 1 ran on the untrained embedding's clusters: say so
-        versions = [m["embed_version"] for run in r["metrics"] for m in run
-                    if m["selected_frac"] < 1 and m["embed_version"] is not None]
+        cost = np.mean([seconds_per_1k(run) for run in r["metrics"]])
+        used = [m for run in r["metrics"] for m in run if m["selected_frac"] < 1 and m["embed_version"] is not None]
+        versions, accs = [m["embed_version"] for m in used], [m["embed_acc"] for m in used if m["embed_acc"]]
         rows.append(f"| {name} | {r['final_acc']['mean']:.4f} ± {r['final_acc']['std']:.4f} | "
                     f"{r['best_acc']['mean']:.4f} ± {r['best_acc']['std']:.4f} | "
                     f"{f'{np.mean(hits):.0f} ({len(hits)}/{len(reach)} runs)' if hits else 'not reached'} | "
-                    f"{r['wall_s']['mean']:.0f} | {f'{min(versions)}–{max(versions)}' if versions else '—'} |")
+                    f"{cost:.1f} ({cost / base:.2f}) | {f'{min(versions)}–{max(versions)}' if versions else '—'} | "
+                    f"{f'{min(accs):.3f}–{max(accs):.3f}' if accs else '—'} |")
     grid = results["random"]["curve"]["updates"]
     picks = sorted({grid[i] for i in (0, len(grid) // 4, len(grid) // 2, 3 * len(grid) // 4, len(grid) - 1)})
     rows += ["", "Mean test accuracy at update counts:", "",
-             "| sampler | " + " | ".join(str(u) for u in picks) + " |", "|---" * (len(picks) + 1) + "|"]
+             "| row | " + " | ".join(str(u) for u in picks) + " |", "|---" * (len(picks) + 1) + "|"]
     for name, r in results.items():
         curve = dict(zip(r["curve"]["updates"], r["curve"]["test_acc_mean"]))
         rows.append(f"| {name} | " + " | ".join(f"{curve[u]:.4f}".replace("nan", "—") for u in picks) + " |")
     return "\n".join(rows)
 
 
-def cost_table(costs: dict) -> str:
-    """Markdown: wall seconds per 1,000 updates, its ratio to random, and the per-phase split."""
-    per_k = {name: 1000 / m[-1]["updates"] for name, m in costs.items()}
-    base = costs["random"][-1]["wall_s"] * per_k["random"]
-    rows = ["| run | s / 1k updates | × random | t_train | t_score | t_embed (inline, or waiting) | t_select |",
+def cost_table(results: dict) -> str:
+    """Markdown: wall seconds per 1,000 updates, its ratio to random, and the per-phase split (mean over seeds)."""
+    phases = ("wall_s", "t_train", "t_score", "t_embed", "t_select")
+    mean = {name: [np.mean([seconds_per_1k(run, key) for run in r["metrics"]]) for key in phases]
+            for name, r in results.items()}
+    rows = ["| row | s / 1k updates | × random | t_train | t_score | t_embed (inline, or waiting) | t_select |",
             "|---|---|---|---|---|---|---|"]
-    for name, m in costs.items():
-        wall = m[-1]["wall_s"] * per_k[name]
-        phases = [sum(r[k] for r in m) * per_k[name] for k in ("t_train", "t_score", "t_embed", "t_select")]
-        rows.append(f"| {name} | {wall:.1f} | {wall / base:.2f} | " + " | ".join(f"{p:.1f}" for p in phases) + " |")
+    for name, (wall, *split) in mean.items():
+        rows.append(f"| {name} | {wall:.1f} | {wall / mean['random'][0]:.2f} | "
+                    + " | ".join(f"{p:.1f}" for p in split) + " |")
     return "\n".join(rows)
 
 
 # ---- 12. CLI and main ------------------------------------------------------------------------------------
 CHOICES = {"dataset": DATASETS, "sampler": ("spladvise", "spld", "spl", "random"),
-           "preset": ("auto", "paper", "cpu"), "embed_mode": ("process", "inline"), "pace": ("quantile", "absolute"),
+           "preset": ("auto", "paper", "cpu"), "embed_mode": ("process", "inline"), "pace": ("quantile", "absolute", "rank"),
            "student": NETS, "embed_net": NETS}
 RUNTIME_FIELDS = {"resume", "max_minutes", "gpu", "embed_gpu", "out", "data_dir", "download", "compile", "runs",
                   "bench", "bench_jobs"}  # may change on --resume; every other field must match the checkpoint's
@@ -1448,7 +1595,9 @@ def resolve_config(cfg: Config) -> Config:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("train_size", "test_size", "val_size", "updates", "epochs", "max_minutes", "refresh", "rho0",
+    if cfg.refresh < -1:
+        raise ConfigError(f"--refresh must be >= 0 (0 = one embedding epoch) or -1 (frozen), got {cfg.refresh}")
+    for name in ("train_size", "test_size", "val_size", "updates", "epochs", "max_minutes", "embed_warmup", "rho0",
                  "beta1", "beta2", "alpha", "weight_decay", "momentum"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")

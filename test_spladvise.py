@@ -125,9 +125,28 @@ def test_missing_data_exits_2_naming_the_paths_tried(tmp_path):
 
 def test_balanced_subset_takes_equal_class_shares():
     labels = torch.arange(100) % 10
-    idx = S.balanced_subset(labels, 25, torch.Generator().manual_seed(0))
+    idx, balanced = S.balanced_subset(labels, 25, torch.Generator().manual_seed(0))
     counts = torch.bincount(labels[idx], minlength=10)
-    assert len(idx.unique()) == 25 and counts.max() - counts.min() <= 1
+    assert balanced and len(idx.unique()) == 25 and counts.max() - counts.min() <= 1
+
+
+def test_balanced_subset_of_an_unequal_split_is_stratified_and_the_whole_split_at_full_size():
+    """MNIST's test set has 980 zeros but 1,135 ones: a 'balanced' 10,000 cannot exist. The whole split is taken
+    at full size; a smaller size that cannot be balanced gets shares ∝ class sizes (largest remainder)."""
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    idx, balanced = S.balanced_subset(labels, 100, torch.Generator().manual_seed(0))
+    assert not balanced and torch.equal(idx, torch.arange(100))
+    idx, balanced = S.balanced_subset(labels, 45, torch.Generator().manual_seed(0))
+    assert not balanced and len(idx.unique()) == 45 and torch.bincount(labels[idx]).tolist() == [27, 14, 4]
+    idx, balanced = S.balanced_subset(labels, 30, torch.Generator().manual_seed(0))
+    assert balanced and torch.bincount(labels[idx]).tolist() == [10, 10, 10]
+
+
+@pytest.mark.parametrize("dataset,flips", [("mnist", False), ("svhn", False), ("fashionmnist", True),
+                                           ("cifar10", True)])
+def test_cpu_preset_never_flips_digits(dataset, flips):
+    cfg = S.resolve_config(S.parse_args(["--dataset", dataset, "--gpu", "-1", "--preset", "cpu"]))
+    assert S.parse_augment(cfg.augment)["hflip"] == flips and not S.parse_augment(cfg.augment)["vflip"]
 
 
 def test_augment_shift_moves_pixels_by_whole_pixels_and_flips_mirror():
@@ -410,8 +429,9 @@ def test_magnet_predict_matches_naive_soft_vote():
 
 # ---- 7. SPLD selector ------------------------------------------------------------------------------------
 def spld_objective(losses, groups, w, lam, gamma):
-    """Eq. 2's objective for a binary W: Σ W_i L_i − λ Σ W_i − γ Σ_k ‖W^k‖₂."""
-    total = sum(wi * li for wi, li in zip(w, losses)) - lam * sum(w)
+    """Eq. 2's objective for a binary W: Σ W_i L_i − λ Σ W_i − γ Σ_k ‖W^k‖₂; lam a float or one λ_k per group."""
+    lam_of = (lambda k: lam) if isinstance(lam, float) else (lambda k: lam[k])
+    total = sum(wi * (li - lam_of(gi)) for wi, li, gi in zip(w, losses, groups))
     return total - gamma * sum(math.sqrt(sum(wi for wi, gi in zip(w, groups) if gi == k)) for k in set(groups))
 
 
@@ -423,7 +443,10 @@ def test_spld_select_gives_the_global_optimum_of_eq2_by_enumeration():
         losses = rng.exponential(1.0, n)
         groups = rng.integers(0, int(rng.integers(1, 5)), n)
         lam, gamma = float(rng.uniform(0, 1.5)), float(rng.uniform(0, 1.5))
-        w = S.spld_select(torch.tensor(losses), torch.tensor(groups), lam, gamma).int().tolist()
+        if case % 2:  # the rank pace's per-group λ_k: Eq. 2 separates over groups, so the closed form still holds
+            lam = rng.uniform(0, 1.5, int(groups.max()) + 1).tolist()
+        w = S.spld_select(torch.tensor(losses), torch.tensor(groups), torch.tensor(lam) if isinstance(lam, list)
+                          else lam, gamma).int().tolist()
         best = min(spld_objective(losses, groups, v, lam, gamma) for v in itertools.product((0, 1), repeat=n))
         assert math.isclose(spld_objective(losses, groups, w, lam, gamma), best, abs_tol=1e-9), case
 
@@ -459,6 +482,48 @@ def test_spld_pace_quantile_selects_f_t_by_easiness_and_grows():
         (lam0 * 1.2 ** 3, gamma0 * 1.1 ** 3))
 
 
+def test_spld_pace_rank_keeps_the_k_t_lowest_of_each_cluster_then_eq2_adds_its_bonus():
+    """--pace rank (NOTES §8, the authors' count pace): K_t = ⌈f0 (1+β1)^t · mean cluster size⌉; λ_k is the
+    (K_t+1)-th lowest loss of cluster k, so its K_t lowest are kept, and Eq. 2's rank term, with γ_t = ρ_t times
+    the quantile-pace λ_t, may keep more. Compared with a plain loop over clusters."""
+    rng = np.random.default_rng(3)
+    for case in range(30):
+        n, n_groups = int(rng.integers(20, 200)), int(rng.integers(1, 9))
+        losses = torch.tensor(rng.permutation(n) / n + rng.uniform(0, 1e-3, n))  # distinct
+        groups = torch.tensor(rng.integers(0, n_groups, n))
+        t, f0, rho0 = int(rng.integers(0, 12)), float(rng.uniform(0.1, 0.9)), float(rng.choice([0.0, 0.5, 1.0]))
+        lam, gamma = S.spld_pace(losses, t, "rank", f0, rho0, 0.1, 0.2, groups=groups)
+        mask = S.spld_select(losses, groups, lam, gamma)
+        sizes = [int((groups == k).sum()) for k in range(int(groups.max()) + 1)]
+        f = f0 * 1.1 ** t
+        quota = math.ceil(f * n / sum(1 for m in sizes if m))
+        assert gamma == pytest.approx(rho0 * 1.2 ** t * np.quantile(losses.numpy(), min(f, 1.0)))
+        expected = torch.zeros(n, dtype=torch.bool)
+        for k, size in enumerate(sizes):
+            members = sorted((groups == k).nonzero().flatten().tolist(), key=lambda i: float(losses[i]))
+            lam_k = float(losses[members[quota]]) if quota < size else math.inf
+            for rank, i in enumerate(members, start=1):
+                expected[i] = losses[i] < lam_k + gamma / (math.sqrt(rank) + math.sqrt(rank - 1))
+                assert expected[i] or rank > quota  # the K_t lowest always stay
+        assert torch.equal(mask, expected), case
+        assert S.pace_keeps_all(t, "rank", f0, 0.1, torch.tensor(sizes)) == (quota >= max(sizes))
+    sizes = torch.tensor([30, 10, 20])
+    quotas = [S.rank_quota(0.2 * 1.5 ** t, sizes) for t in range(8)]
+    assert quotas == [math.ceil(0.2 * 1.5 ** t * 20) for t in range(8)] and quotas == sorted(quotas)
+
+
+def test_pace_keeps_all_exactly_when_no_sample_can_be_left_out():
+    """The scoring pass is skipped only when the pace keeps every sample whatever the losses: quantile once
+    f_t ≥ 1, rank once K_t reaches the largest cluster, absolute never."""
+    losses, groups = torch.rand(300, dtype=torch.float64), torch.randint(0, 5, (300,))
+    for t in range(10):
+        for mode in ("quantile", "rank"):
+            lam, gamma = S.spld_pace(losses, t, mode, 0.4, 0.0, 0.2, 0.2, groups=groups)
+            keeps_all = bool(S.spld_select(losses, groups, lam, gamma).all())
+            assert S.pace_keeps_all(t, mode, 0.4, 0.2, torch.bincount(groups)) == keeps_all, (t, mode)
+        assert not S.pace_keeps_all(t, "absolute", 0.4, 0.2)
+
+
 # ---- 9-10. the training system, end to end on real Fashion-MNIST -----------------------------------------
 @needs_fmnist
 def test_process_mode_trains_while_the_embedding_child_publishes_new_indexes(tmp_path):
@@ -482,6 +547,75 @@ def test_process_mode_trains_while_the_embedding_child_publishes_new_indexes(tmp
     assert ckpt["state"]["updates"] == 80 and ckpt["embedding"]["net"] and ckpt["index"]["assign"].shape == (600,)
     pid = int(r.stdout.split("[embedding] pid=")[1].split()[0])
     assert not pid_alive(pid)
+
+
+def warmup_iterations(epochs, n=600, magnet_batch=16):
+    return math.ceil(epochs * math.ceil(n / magnet_batch))
+
+
+@needs_fmnist
+@pytest.mark.parametrize("mode", ["process", "inline"])
+def test_every_curriculum_pass_runs_on_the_warmed_up_embedding(tmp_path, mode):
+    """--embed-warmup E: no pass that selects fewer than all samples uses an index computed before E embedding
+    epochs (ceil(N/64) iterations each); the student waits for it (t_embed) in process mode, trains it inline."""
+    out = tmp_path / mode
+    r = cli(TINY + ["--updates", "60", "--embed-warmup", "3", "--refresh", "10", "--embed-mode", mode], out)
+    assert r.returncode == 0, r.stderr
+    metrics = read_metrics(out)
+    curriculum = [m for m in metrics if m["selected_frac"] < 1]
+    assert curriculum and all(m["embed_iter"] >= warmup_iterations(3) and m["embed_acc"] is not None
+                              for m in curriculum), [(m["embed_iter"], m["embed_acc"]) for m in curriculum]
+    assert curriculum[0]["embed_version"] >= 1 + warmup_iterations(3) // 10  # refreshed every R on the way
+
+
+@needs_fmnist
+def test_embed_warmup_0_selects_on_the_first_index_it_finds(tmp_path):
+    r = cli(TINY + ["--updates", "30", "--embed-warmup", "0"], tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert any(m["selected_frac"] < 1 and m["embed_version"] >= 1 for m in read_metrics(tmp_path / "run"))
+
+
+@needs_fmnist
+@pytest.mark.parametrize("mode", ["process", "inline"])
+def test_refresh_minus_1_freezes_the_index_after_the_warmup(tmp_path, mode):
+    """--refresh -1 (the authors' schedule): every selection uses the one index published at the end of the
+    warm-up; in process mode the child is stopped once the student has it."""
+    out = tmp_path / mode
+    r = cli(TINY + ["--updates", "60", "--embed-warmup", "1", "--refresh", "-1", "--f0", "0.3",
+                    "--embed-mode", mode], out)
+    assert r.returncode == 0, r.stderr
+    metrics = read_metrics(out)
+    used = {(m["embed_version"], m["embed_iter"]) for m in metrics[1:]}  # every pass after the first, all-sample one
+    assert used == {(2, warmup_iterations(1))}, used  # version 1 is the untrained net's, 2 the warm-up's
+    assert any(m["selected_frac"] < 1 for m in metrics)
+    assert mode == "inline" or "the index is frozen" in r.stdout
+
+
+@needs_fmnist
+def test_after_the_curriculum_no_scoring_and_the_child_has_exited_while_the_student_trains(tmp_path):
+    """No wasted work: once f_t ≥ 1 (f0 = 0.9, β1 = 0.1: from t = 2), passes do no scoring pass, and the embedding
+    child is stopped (its pid gone) while the student goes on training."""
+    out = tmp_path / "run"
+    proc = start(TINY + ["--updates", "300", "--f0", "0.9", "--embed-warmup", "0.5"], out)
+    pid = int(wait_for_line(proc, "[embedding] pid=", 60).split("pid=")[1].split()[0])
+    line = wait_for_line(proc, "[embedding] stopped", 120)
+    assert "keeps every sample" in line and not pid_alive(pid)
+    wait_for_line(proc, "pass=", 60)  # the student trains on after the child is gone
+    assert proc.wait(120) == 0, proc.stderr.read()
+    metrics = read_metrics(out)
+    assert [m["selected_frac"] < 1 for m in metrics[:3]] == [False, True, True]
+    assert all(m["t_score"] == 0 and m["selected_frac"] == 1 for m in metrics[3:]) and len(metrics) > 6
+
+
+def test_next_refresh_follows_r_and_ends_the_warmup_exactly():
+    """The refresh schedule shared by the child and inline mode: every R iterations, once at the warm-up's end,
+    and with R = -1 only at the warm-up's end."""
+    points, it = [], 0
+    while (it := S.next_refresh(it, 10, 25)) is not None and it <= 50:
+        points.append(it)
+    assert points == [10, 20, 25, 30, 40, 50]
+    assert S.next_refresh(0, -1, 25) == 25 and S.next_refresh(25, -1, 25) is None
+    assert S.next_refresh(0, 10, 0) == 10
 
 
 def comparable(metrics):
@@ -689,8 +823,9 @@ def run_main(argv, capsys):
 def test_bad_input_exits_2_with_one_line_naming_the_value(tmp_path, capsys, extra, needle):
     """Bad input: exit code 2 and one 'error:' line that names the bad value and the fix; no traceback."""
     code, err = run_main(TINY + ["--updates", "5"] + extra + ["--out", str(tmp_path / "out")], capsys)
-    if not os.path.exists(FMNIST) and "larger" in needle:
-        pytest.skip("needs the real data")
+    if not os.path.exists(f"{FMNIST}/train-images-idx3-ubyte.gz") and any(
+            flag in extra for flag in ("--k", "--m", "--batch-size", "--train-size")):
+        pytest.skip("checking this flag against the data needs the real Fashion-MNIST files")
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
