@@ -36,8 +36,10 @@ Deviations (each tagged `# DEVIATION:` where it is implemented):
     - Magnet Loss scales by 1/(2σ²), not the 1/(2σ⁴) of every public port (NOTES §1).
     - Pace: λ ← (1+β1)λ, γ ← (1+β2)γ (step 16 as printed would shrink λ); λ_t, γ_t set from loss quantiles.
     - Training budget and LR milestones count mini-batch updates, so every sampler gets equal updates.
+    - --pace rank (the authors' count pace, NOTES §8): λ becomes one threshold per cluster.
 Not implemented: the pre-activation ResNet-18 of the authors' code (the paper names ResNet-18; we use the
-standard CIFAR form); multi-GPU training; reading SVHN's .mat files without scipy (torchvision's reader needs it).
+standard CIFAR form); multi-GPU training; reading SVHN's .mat files without scipy (torchvision's reader needs it);
+scoring from the last pass's training losses (the exact scoring pass is cheap once it runs channels_last).
 
 Sections (`grep -n '^# ----' spladvise.py`):
     1 imports · 2 Config · 3 data · 4 networks · 5 K-Means++ and the cluster index · 6 Magnet Loss and
@@ -120,7 +122,7 @@ class Config:
     d: int = 8  # D, examples per cluster in a magnet batch (batch = M*D = 64)
     alpha: float = 1.0  # Magnet Loss margin α, Eq. 1
     refresh: int = 0  # R, embedding iterations between index refreshes; 0 = one embedding epoch; -1 = frozen
-    embed_warmup: float = 2.0  # embedding epochs trained before the student's first selection (NOTES §8)
+    embed_warmup: float = 5.0  # embedding epochs trained before the student's first selection (README "Results")
     kmeans_iters: int = 20  # Lloyd iterations per K-Means++ run
     neighbours: int = 8  # L, nearest cluster centres in the embedding's soft-vote classifier
     # pace (Alg. 2 step 16, NOTES §3)
@@ -451,7 +453,7 @@ def make_net(name: str, in_channels: int, n_out: int, image_size: int, dropout: 
         depth, width = map(int, name.split("-")[1:])
         n = (depth - 4) // 6
         return ResNet(in_channels, n_out, (16 * width, 32 * width, 64 * width), (n, n, n), True, dropout)
-    raise ValueError(f"unknown network '{name}'; choose one of {', '.join(NETS)}")
+    raise ValueError(f"unknown network '{name}'; choose lenet, vgg16, resnet18 or wrn-DEPTH-WIDTH")
 
 
 # ---- 5. K-Means++ and the cluster index (paper §3.1) -----------------------------------------------------
@@ -996,6 +998,14 @@ def read_index(handle: dict, min_iteration: int, stop) -> dict | None:
         time.sleep(0.05)
 
 
+def retire_embedding_process(handle: dict, cores: int, st: dict, why: str) -> None:
+    """Stop the child for good once no later pass needs a new index, and give its cores to the student."""
+    stop_embedding_process(handle)
+    torch.set_num_threads(cores)
+    print(f"[embedding] stopped before pass {st['passes'] + 1} (update {st['updates']}): {why}; the student now "
+          f"uses {cores} threads", flush=True)
+
+
 def stop_embedding_process(handle: dict):
     """Ask the child to stop; terminate, then kill it if it does not within a few seconds."""
     proc = handle["proc"]
@@ -1243,13 +1253,9 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             # Alg. 2 step 16: once the pace keeps every sample, no later pass needs clusters or scores
             pace_done = cfg.sampler == "random" or pace_keeps_all(t, cfg.pace, cfg.f0, cfg.beta1, st["sizes"])
             frozen_done = cfg.refresh < 0 and index is not None and index["iteration"] >= warmup
-            if handle is not None and (pace_done or frozen_done):
-                stop_embedding_process(handle)
-                handle = None
-                torch.set_num_threads(cores)
-                print(f"[embedding] stopped before pass {st['passes'] + 1} (update {st['updates']}): "
-                      f"{'the pace keeps every sample from here on' if pace_done else 'the index is frozen'}; "
-                      f"the student now uses {cores} threads", flush=True)
+            if handle is not None and (pace_done or frozen_done):  # no later pass needs a new index
+                handle = retire_embedding_process(handle, cores, st, "the pace keeps every sample from here on"
+                                                  if pace_done else "the index is frozen")
             st["selected"] = None
             if t >= 0 and not pace_done:
                 t0 = time.time()
