@@ -1185,8 +1185,8 @@ def log_pass(path: str, record: dict):
     append_jsonl(path, record)
     fields = ("pass", "updates", "epoch", "train_loss", "test_acc", "selected_frac", "clusters_used",
               "embed_version", "embed_acc", "wall_s", "t_train", "t_score", "t_embed", "t_select")
-    print("[student] " + " ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
-                                  for k in fields), flush=True)
+    show = lambda v: (f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}") if isinstance(v, float) else v  # never 1e+04
+    print("[student] " + " ".join(f"{k}={show(record[k])}" for k in fields), flush=True)
 
 
 def write_summary(cfg: Config, st: dict, budget: int, device: torch.device) -> dict:
