@@ -79,7 +79,7 @@ import torch.nn.functional as F
 class Config:
     # run
     dataset: str = "fashionmnist"  # fashionmnist | mnist | svhn | cifar10 | cifar100
-    sampler: str = "spladvise"  # spladvise | spld | spl | random (paper §4)
+    sampler: str = "spladvise"  # spladvise | spld | spl | random (paper §4) | infobatch (NOTES §9)
     preset: str = "auto"  # paper | cpu | auto (paper on CUDA, cpu otherwise); fills the fields left unset (None)
     seed: int = 0  # embedding process uses seed + 1
     runs: int = 1  # seeds seed .. seed+runs-1, each under OUT/seed-S, plus OUT/aggregate.json (--bench: 5)
@@ -131,6 +131,9 @@ class Config:
     rho0: float = 0.5  # γ_0 / λ_0
     beta1: float = 0.1  # λ pace: f_t = f0 (1+β1)^t (quantile) or λ_t = λ_0 (1+β1)^t (absolute)
     beta2: float = 0.1  # γ pace: ρ_t = ρ0 (1+β2)^t
+    # InfoBatch baseline (NOTES §9)
+    prune_ratio: float = 0.5  # r, share of the below-mean-loss samples pruned each pass
+    anneal: float = 0.875  # δ, share of the epochs after which every sample is used at weight 1
 
     @property
     def run_dir(self) -> str:
@@ -715,6 +718,24 @@ def pace_keeps_all(t: int, mode: str, f0: float, beta1: float, sizes: torch.Tens
     return mode == "rank" and sizes is not None and rank_quota(f, sizes) >= int(sizes.max())
 
 
+def infobatch_select(scores: torch.Tensor, prune_ratio: float, progress: float, anneal: float = 0.875,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoBatch (Qin et al., ICLR 2024, arXiv:2303.04947; NOTES §9), the baseline, not part of SPL-ADVisE: the
+    samples whose score (last training loss) is below the mean are candidates; a random (1 − r) of them is kept
+    with weight 1/(1 − r), so the expected gradient is the full set's; from `anneal` of the epochs on, every sample
+    is kept at weight 1. scores (N,), progress = epochs done / epochs -> kept (N,) bool, weights (N,)."""
+    weights = torch.ones_like(scores)  # (N,)
+    if progress >= anneal:
+        return torch.ones_like(scores, dtype=torch.bool), weights
+    candidates = scores < scores.mean()  # (N,) none while every score is equal, so the first pass prunes nothing
+    idx_cand = candidates.nonzero().flatten()  # (N_c,)
+    n_keep = round((1 - prune_ratio) * len(idx_cand))  # InfoBatch's code truncates; rounding is closer to 1 − r
+    kept = ~candidates  # (N,)
+    kept[idx_cand[torch.randperm(len(idx_cand), generator=generator, device=scores.device)[:n_keep]]] = True
+    weights[candidates] = 1 / (1 - prune_ratio)  # pruned candidates never use theirs
+    return kept, weights
+
+
 # ---- 8. training steps and evaluation --------------------------------------------------------------------
 class NonFiniteLoss(Exception):
     """A loss became NaN or inf; `network` names which one, `update` the step."""
@@ -859,9 +880,11 @@ def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_goi
         state["sigma2_count"] += 1
 
 
-def student_pass(net, opt, sched, idx_pass, data, aug, batch, budget, updates, device, stop):
+def student_pass(net, opt, sched, idx_pass, data, aug, batch, budget, updates, device, stop, weights=None,
+                 scores=None):
     """Alg. 2 steps 3-4: one shuffled pass of mini-batch SGD over idx_pass, stopping at the update budget or when
-    stop() says so. -> (updates done, mean training loss). The losses stay on the device until the pass ends."""
+    stop() says so. InfoBatch: each sample's loss times weights (N,), and its loss written to scores (N,).
+    -> (updates done, mean training loss). The losses stay on the device until the pass ends."""
     net.train()
     losses = []
     for i in range(0, len(idx_pass), batch):
@@ -869,8 +892,11 @@ def student_pass(net, opt, sched, idx_pass, data, aug, batch, budget, updates, d
             break
         idx = idx_pass[i:i + batch]
         with autocast(device):
-            loss = F.cross_entropy(net(to_input(data["x_train"][idx], data["mean"], data["std"], aug)),
-                                   data["y_train"][idx])
+            per_sample = F.cross_entropy(net(to_input(data["x_train"][idx], data["mean"], data["std"], aug)),
+                                         data["y_train"][idx], reduction="none")  # (B,)
+        loss = (per_sample * weights[idx]).mean() if weights is not None else per_sample.mean()
+        if scores is not None:
+            scores[idx] = per_sample.detach().float()  # InfoBatch's score: no extra forward pass
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1189,16 +1215,41 @@ def log_pass(path: str, record: dict):
     print("[student] " + " ".join(f"{k}={show(record[k])}" for k in fields), flush=True)
 
 
-def write_summary(cfg: Config, st: dict, budget: int, device: torch.device) -> dict:
+def write_summary(cfg: Config, st: dict, budget: int, complete: bool, device: torch.device) -> dict:
     records = read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl"))
     summary = {"final_acc": records[-1]["test_acc"] if records else None, "best_acc": st["best_acc"],
-               "updates": st["updates"], "budget": budget, "complete": st["updates"] >= budget,
+               "updates": st["updates"], "budget": budget, "complete": complete,
                "wall_s": st["wall"], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"cpu ({len(os.sched_getaffinity(0))} cores)", "torch": torch.__version__, "sampler": cfg.sampler,
                "seed": cfg.seed, "evaluated_on": "validation" if cfg.val_size else "test"}
     with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def select_curriculum(cfg: Config, st: dict, t: int, net, data: dict, groups: torch.Tensor, device) -> dict:
+    """Alg. 2 steps 5-13 for SPL iteration t over groups (N,): score every sample, set λ_t, γ_t by the pace
+    (step 16), select by Eq. 2; writes st's selected, clusters_used, lam, gamma (and lam0, gamma0 at t = 0).
+    Nothing is scored when the pace keeps every sample anyway. -> the phase times."""
+    if pace_keeps_all(t, cfg.pace, cfg.f0, cfg.beta1, st["sizes"]):
+        return {}
+    t0 = time.time()
+    # Alg. 2 steps 5-6: the student's loss of every sample
+    losses = score_samples(net, data["x_train"], data["y_train"], data["mean"], data["std"], cfg.score_batch,
+                           device)  # (N,)
+    t1 = time.time()
+    # Alg. 2 steps 7-13: λ_t, γ_t from the pace (step 16), then the closed form of Eq. 2
+    rho0 = 0.0 if cfg.sampler == "spl" else cfg.rho0  # SPL: γ = 0, one group (NOTES §4)
+    if t == 0:
+        st["lam0"], st["gamma0"] = spld_pace(losses, 0, "quantile", cfg.f0, rho0, 0, 0)
+    lam, gamma = spld_pace(losses, t, cfg.pace, cfg.f0, rho0, cfg.beta1, cfg.beta2, st["lam0"], st["gamma0"],
+                           groups)
+    mask = spld_select(losses, groups, lam, gamma)  # (N,)
+    st["selected"] = mask.nonzero().flatten()
+    st["clusters_used"] = int(torch.unique(groups[mask]).numel())
+    st["lam"] = lam if isinstance(lam, float) else lam[lam < math.inf].mean().item()
+    st["gamma"] = gamma
+    return {"t_score": t1 - t0, "t_select": time.time() - t1}
 
 
 def train(cfg: Config, stop_requested=lambda: False) -> dict:
@@ -1217,22 +1268,30 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     n, n_classes, shape = len(data["y_train"]), int(data["y_train"].max()) + 1, tuple(data["x_train"].shape[1:])
     per_epoch = math.ceil(n / cfg.batch_size)
     budget = cfg.updates or math.ceil(cfg.epochs * per_epoch)  # DEVIATION: counted in updates (Fig. 3's x-axis)
-    warmup = cfg.warmup_iterations(n)
+    epochs, warmup = budget / per_epoch, cfg.warmup_iterations(n)  # InfoBatch counts epochs: its passes shrink
+    st = {"updates": 0, "passes": 0, "lam0": 0.0, "gamma0": 0.0, "wall": 0.0, "best_acc": 0.0, "sizes": None,
+          "scores": torch.zeros(n, device=device), "epochs_done": 0.0, "pass_start": 0, "pass_len": per_epoch}
+
+    def progress(step: int) -> float:  # share of the budget done after `step` updates (InfoBatch: of its epochs)
+        if cfg.sampler != "infobatch":
+            return step / budget
+        return (st["epochs_done"] + (step - st["pass_start"]) / st["pass_len"]) / epochs
+
     net = build_net(cfg.student, shape, n_classes, cfg.dropout, device)
     forward = torch.compile(net) if cfg.compile else net
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
-    milestones = [round(float(f) * budget) for f in cfg.milestones.replace("none", "").split(",") if f]
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, cfg.lr_decay)
+    milestones = [float(f) for f in cfg.milestones.replace("none", "").split(",") if f]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cfg.lr_decay ** sum(progress(step) >= m
+                                                                                    for m in milestones))
     aug = parse_augment(cfg.augment)
     ckpt = resume_student(ckpt_path, metrics_path, net, opt, sched, device) if cfg.resume else None
-    st = ckpt["state"] if ckpt else {"updates": 0, "passes": 0, "lam0": 0.0, "gamma0": 0.0, "wall": 0.0,
-                                     "best_acc": 0.0, "selected": None, "sizes": None}
+    st.update(ckpt["state"] if ckpt else {})
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     print(f"[student] device={device} n_train={n} n_test={len(data['y_test'])} budget={budget} updates "
-          f"({budget / per_epoch:.2f} epochs) student={cfg.student} sampler={cfg.sampler}", flush=True)
+          f"({epochs:.2f} epochs) student={cfg.student} sampler={cfg.sampler}", flush=True)
     handle, estate, index = start_clusters(cfg, data, out, ckpt, cores)  # Alg. 2 step 2
     last_check, failure = [time.time()], []
 
@@ -1247,16 +1306,17 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
         return bool(stop_requested() or timed_out or failure)
 
     try:
-        while st["updates"] < budget and not stop():
+        while progress(st["updates"]) < 1 and not stop():
             t = st["passes"] - 1  # SPL iteration of this pass; the first pass (t = -1) trains on every sample
             times = dict.fromkeys(("t_embed", "t_score", "t_select"), 0.0)
             # Alg. 2 step 16: once the pace keeps every sample, no later pass needs clusters or scores
-            pace_done = cfg.sampler == "random" or pace_keeps_all(t, cfg.pace, cfg.f0, cfg.beta1, st["sizes"])
+            pace_done = cfg.sampler in ("random", "infobatch") or pace_keeps_all(t, cfg.pace, cfg.f0, cfg.beta1,
+                                                                                  st["sizes"])
             frozen_done = cfg.refresh < 0 and index is not None and index["iteration"] >= warmup
             if handle is not None and (pace_done or frozen_done):  # no later pass needs a new index
                 handle = retire_embedding_process(handle, cores, st, "the pace keeps every sample from here on"
                                                   if pace_done else "the index is frozen")
-            st["selected"] = None
+            st.update(selected=None, weights=None, clusters_used=None, lam=None, gamma=None)
             if t >= 0 and not pace_done:
                 t0 = time.time()
                 # Alg. 2 step 2 (Alg. 1): the newest clusters; the first selection waits for the warm-up
@@ -1268,35 +1328,27 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
                     break  # stopped while waiting
                 g = torch.zeros_like(data["y_train"]) if cfg.sampler == "spl" else index["assign"].to(device)
                 st["sizes"] = torch.bincount(g).cpu()  # (G,)
-                t1 = time.time()
-                times["t_embed"] = t1 - t0
-                # Alg. 2 steps 5-6: the student's loss of every sample, unless the pace keeps them all anyway
-                if not pace_keeps_all(t, cfg.pace, cfg.f0, cfg.beta1, st["sizes"]):
-                    losses = score_samples(net, data["x_train"], data["y_train"], data["mean"], data["std"],
-                                           cfg.score_batch, device)  # (N,)
-                    t2 = time.time()
-                    times["t_score"] = t2 - t1
-                    # Alg. 2 steps 7-13: λ_t, γ_t from the pace (step 16), then the closed form of Eq. 2
-                    rho0 = 0.0 if cfg.sampler == "spl" else cfg.rho0  # SPL: γ = 0, one group (NOTES §4)
-                    if t == 0:
-                        st["lam0"], st["gamma0"] = spld_pace(losses, 0, "quantile", cfg.f0, rho0, 0, 0)
-                    lam, gamma = spld_pace(losses, t, cfg.pace, cfg.f0, rho0, cfg.beta1, cfg.beta2, st["lam0"],
-                                           st["gamma0"], g)
-                    mask = spld_select(losses, g, lam, gamma)  # (N,)
-                    st["selected"] = mask.nonzero().flatten()
-                    st["clusters_used"] = int(torch.unique(g[mask]).numel())
-                    st["lam"] = lam if isinstance(lam, float) else lam[lam < math.inf].mean().item()
-                    st["gamma"] = gamma
-                    times["t_select"] = time.time() - t2
+                times["t_embed"] = time.time() - t0
+                times.update(select_curriculum(cfg, st, t, net, data, g, device))  # Alg. 2 steps 5-13
+            if cfg.sampler == "infobatch":  # NOTES §9: prune below-mean-loss samples, reweight the kept ones
+                kept, st["weights"] = infobatch_select(st["scores"], cfg.prune_ratio, progress(st["updates"]),
+                                                       cfg.anneal)
+                st["selected"] = kept.nonzero().flatten()
             pool = st["selected"] if st["selected"] is not None else torch.arange(n, device=device)
+            st["pass_start"], st["pass_len"] = st["updates"], math.ceil(len(pool) / cfg.batch_size)
+            infobatch = cfg.sampler == "infobatch"  # its last pass may be a fraction of an epoch
+            end = st["updates"] + math.ceil(min(1, epochs - st["epochs_done"]) * st["pass_len"]) if infobatch else budget
             t3 = time.time()
             # Alg. 2 steps 3-4: one shuffled pass over the selected samples
             done, train_loss = student_pass(forward, opt, sched, pool[torch.randperm(len(pool), device=device)],
-                                            data, aug, cfg.batch_size, budget, st["updates"], device, stop)
+                                            data, aug, cfg.batch_size, end, st["updates"], device, stop,
+                                            st["weights"], st["scores"] if infobatch else None)
             if done == 0:
                 break
             st["updates"] += done
             st["passes"] += 1
+            st["epochs_done"] += done / st["pass_len"]  # a pass cut short (a stop, InfoBatch's last) counts its share
+            st["pass_start"] = st["updates"]
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t_train = time.time() - t3
@@ -1305,12 +1357,10 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             st["best_acc"] = max(st["best_acc"], test_acc)
             st["wall"] += time.time() - t_start
             t_start = time.time()
-            selecting = st["selected"] is not None
             log_pass(metrics_path, {
-                "updates": st["updates"], "epoch": round(st["updates"] / per_epoch, 4), "pass": st["passes"],
-                "train_loss": train_loss, "test_acc": test_acc, "selected_frac": len(pool) / n,
-                "clusters_used": st["clusters_used"] if selecting else None,
-                "lam": st["lam"] if selecting else None, "gamma": st["gamma"] if selecting else None,
+                "updates": st["updates"], "epoch": round(progress(st["updates"]) * epochs, 4),
+                "pass": st["passes"], "train_loss": train_loss, "test_acc": test_acc,
+                "selected_frac": len(pool) / n, **{k: st[k] for k in ("clusters_used", "lam", "gamma")},
                 **{key: index[k] if index else None for key, k in (("embed_version", "version"),
                                                                    ("embed_acc", "embed_acc"), ("embed_iter", "iteration"))},
                 "lr": sched.get_last_lr()[0], "wall_s": st["wall"], "t_train": t_train, **times})
@@ -1320,14 +1370,15 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             stop_embedding_process(handle)
     if failure:
         raise failure[0]
-    return write_summary(cfg, st, budget, device)
+    return write_summary(cfg, st, budget, progress(st["updates"]) >= 1, device)
 
 
 # ---- 11. runs, seeds and benchmark -----------------------------------------------------------------------
 def curve_at(records: list[dict], grid: list[int]) -> list[float]:
     """Test accuracy against updates, linearly interpolated at the grid's update counts (NaN before the first
-    evaluation: nothing was measured there)."""
-    return np.interp(grid, [r["updates"] for r in records], [r["test_acc"] for r in records], left=np.nan).tolist()
+    evaluation and after the last: nothing was measured there; InfoBatch ends early)."""
+    updates, accs = [r["updates"] for r in records], [r["test_acc"] for r in records]
+    return np.interp(grid, updates, accs, left=np.nan, right=np.nan).tolist()
 
 
 def mean_std(values: list[float]) -> dict:
@@ -1376,10 +1427,13 @@ def config_argv(cfg: Config) -> list[str]:
 
 
 def run_finished(run: Config) -> bool:
-    """True if run.run_dir holds a complete run of exactly this config (a benchmark started again reuses it)."""
+    """True if run.run_dir holds a complete run of exactly this config (a benchmark started again reuses it); a
+    field the saved config lacks (added since) counts as its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     try:
         return (json.load(open(os.path.join(run.run_dir, "summary.json")))["complete"]
-                and json.load(open(os.path.join(run.run_dir, "config.json"))) == dataclasses.asdict(run))
+                and {**defaults, **json.load(open(os.path.join(run.run_dir, "config.json")))}
+                == dataclasses.asdict(run))
     except (OSError, ValueError, KeyError):
         return False
 
@@ -1431,7 +1485,8 @@ class BenchmarkFailed(Exception):
 BENCH_ROWS = {"random": dict(sampler="random"), "spl": dict(sampler="spl"), "spld": dict(sampler="spld"),
               "spladvise": dict(sampler="spladvise"),
               "spladvise-frozen": dict(sampler="spladvise", refresh=-1),  # the authors' schedule (NOTES §8)
-              "spladvise-rank": dict(sampler="spladvise", pace="rank")}  # the authors' count pace (NOTES §8)
+              "spladvise-rank": dict(sampler="spladvise", pace="rank"),  # the authors' count pace (NOTES §8)
+              "infobatch": dict(sampler="infobatch")}  # its paper's r = 0.5, δ = 0.875; random's epochs
 # Pacing settings, fixed before any result was seen (paper §4 tried "5 combinations"), each row's best chosen on a
 # validation split: (f0, rho0, beta1 = beta2), for spladvise also the warm-up in embedding epochs. SPL ignores
 # rho0. spladvise-frozen takes spladvise's choice (an ablation changes one thing); spladvise-rank searches its
@@ -1523,20 +1578,22 @@ def accuracy_table(results: dict) -> str:
 
 
 def cost_table(results: dict) -> str:
-    """Markdown: wall seconds per 1,000 updates, its ratio to random, and the per-phase split (mean over seeds)."""
+    """Markdown: updates and wall seconds per run, wall seconds per 1,000 updates, its ratio to random, and the
+    per-phase split (mean over seeds)."""
     phases = ("wall_s", "t_train", "t_score", "t_embed", "t_select")
     mean = {name: [np.mean([seconds_per_1k(run, key) for run in r["metrics"]]) for key in phases]
             for name, r in results.items()}
-    rows = ["| row | s / 1k updates | × random | t_train | t_score | t_embed (inline, or waiting) | t_select |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| row | updates | wall s | s / 1k updates | × random | t_train | t_score | t_embed (inline, or "
+            "waiting) | t_select |", "|---|---|---|---|---|---|---|---|---|"]
     for name, (wall, *split) in mean.items():
-        rows.append(f"| {name} | {wall:.1f} | {wall / mean['random'][0]:.2f} | "
-                    + " | ".join(f"{p:.1f}" for p in split) + " |")
+        r = results[name]
+        rows.append(f"| {name} | {r['updates']['mean']:.0f} | {r['wall_s']['mean']:.1f} | {wall:.1f} | "
+                    f"{wall / mean['random'][0]:.2f} | " + " | ".join(f"{p:.1f}" for p in split) + " |")
     return "\n".join(rows)
 
 
 # ---- 12. CLI and main ------------------------------------------------------------------------------------
-CHOICES = {"dataset": DATASETS, "sampler": ("spladvise", "spld", "spl", "random"),
+CHOICES = {"dataset": DATASETS, "sampler": ("spladvise", "spld", "spl", "random", "infobatch"),
            "preset": ("auto", "paper", "cpu"), "embed_mode": ("process", "inline"), "pace": ("quantile", "absolute", "rank"),
            "student": NETS, "embed_net": NETS}
 RUNTIME_FIELDS = {"resume", "max_minutes", "gpu", "embed_gpu", "out", "data_dir", "download", "compile", "runs",
@@ -1611,8 +1668,11 @@ def resolve_config(cfg: Config) -> Config:
         raise ConfigError("the budget is zero: give --updates N or --epochs E (> 0)")
     if not 0 < cfg.f0 <= 1:
         raise ConfigError(f"--f0 must be in (0, 1], got {cfg.f0}")
-    if not 0 <= cfg.dropout < 1:
-        raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for name, value in (("dropout", cfg.dropout), ("prune_ratio", cfg.prune_ratio)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+    if not 0 <= cfg.anneal <= 1:
+        raise ConfigError(f"--anneal must be in [0, 1] (a share of the epochs), got {cfg.anneal}")
     if cfg.m < 2:
         raise ConfigError(f"--m {cfg.m}: a magnet batch needs at least 2 clusters (a seed and an impostor)")
     try:

@@ -527,6 +527,50 @@ def test_pace_keeps_all_exactly_when_no_sample_can_be_left_out():
         assert not S.pace_keeps_all(t, "absolute", 0.4, 0.2)
 
 
+def test_infobatch_keeps_a_random_one_minus_r_of_the_below_mean_samples_and_all_others():
+    """NOTES §9: candidates are the samples below the mean score; (1 − r) of them are kept, drawn at random (not the
+    lowest or highest), with weight 1/(1 − r); every other sample is kept at weight 1."""
+    scores = torch.rand(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 2
+    candidates = scores < scores.mean()
+    kept, weights = S.infobatch_select(scores, 0.3, 0.0, generator=torch.Generator().manual_seed(1))
+    assert kept[~candidates].all() and (weights[~candidates] == 1).all()
+    assert (weights[candidates] == 1 / 0.7).all()
+    assert kept[candidates].double().mean().item() == pytest.approx(0.7, abs=1e-4)  # a count, not a coin per sample
+    # a random subset: its scores have the candidates' mean (±1e-3 is over 3 standard errors; the lowest 70 %
+    # would miss by 0.057), and another generator draws another subset
+    assert scores[kept & candidates].mean().item() == pytest.approx(scores[candidates].mean().item(), abs=1e-3)
+    other, _ = S.infobatch_select(scores, 0.3, 0.0, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(kept, other)
+
+
+def test_infobatch_prunes_nothing_on_equal_scores_and_everything_is_used_once_annealing():
+    """The first pass (every score equal) and every pass from δ of the epochs on use all samples at weight 1."""
+    equal = torch.zeros(50)
+    scores = torch.arange(50.0)
+    for progress, s in ((0.0, equal), (0.875, scores), (0.95, scores)):
+        kept, weights = S.infobatch_select(s, 0.5, progress, 0.875)
+        assert kept.all() and (weights == 1).all(), progress
+    kept, _ = S.infobatch_select(scores, 0.5, 0.874, 0.875)
+    assert kept.sum() == 50 - 13  # 25 candidates below the mean 24.5, 12 of them pruned (round(12.5) = 12)
+
+
+def test_infobatch_rescaled_gradient_is_unbiased_on_a_linear_model():
+    """E over the random pruning of Σ_kept w_i ∇ℓ_i equals the full Σ_i ∇ℓ_i (squared loss, linear model, float64):
+    within 4 standard errors over 20,000 draws, while the same pruning without the rescaling misses by > 40."""
+    gen = torch.Generator().manual_seed(0)
+    x, y, theta = (torch.randn(40, 3, generator=gen, dtype=torch.float64), torch.randn(40, generator=gen,
+                   dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64))
+    per_sample = torch.autograd.functional.jacobian(lambda th: (x @ th - y) ** 2, theta)  # (40, 3): ∇ℓ_i
+    scores = torch.randperm(40, generator=gen).double()  # 20 candidates: (1 − r) N_c whole, 1/(1 − r) exact
+    draws = [S.infobatch_select(scores, 0.5, 0.0, generator=gen) for _ in range(20_000)]
+    kept = torch.stack([k for k, _ in draws]).double()  # (T, 40)
+    weighted = kept @ (draws[0][1][:, None] * per_sample)  # (T, 3): the pruned pass's gradient
+    full = per_sample.sum(0)  # (3,)
+    se = weighted.std(0) / math.sqrt(len(draws))  # (3,)
+    assert ((weighted.mean(0) - full).abs() < 4 * se).all(), (weighted.mean(0), full, se)
+    assert ((kept @ per_sample).mean(0) - full).abs().max() > 40 * se.max()
+
+
 # ---- 9-10. the training system, end to end on real Fashion-MNIST -----------------------------------------
 @needs_fmnist
 def test_process_mode_trains_while_the_embedding_child_publishes_new_indexes(tmp_path):
@@ -655,6 +699,21 @@ def test_each_baseline_sampler_runs(tmp_path, sampler):
         assert all(m["clusters_used"] == 1 for m in later)
     if sampler == "random":
         assert all(m["selected_frac"] == 1.0 and m["t_score"] == 0 for m in read_metrics(out))
+
+
+@needs_fmnist
+def test_infobatch_trains_random_s_epochs_in_fewer_updates(tmp_path):
+    """--sampler infobatch: the epochs random trains for (8), the first and the last (δ = 0.875) passes on every
+    sample, the ones between pruned; fewer updates, the LR milestone (0.7) at 70 % of the epochs."""
+    out = tmp_path / "infobatch"
+    r = cli(TINY + ["--epochs", "8", "--sampler", "infobatch", "--milestones", "0.7"], out)
+    assert r.returncode == 0, r.stderr
+    metrics, summary = read_metrics(out), json.load(open(out / "summary.json"))
+    assert [m["epoch"] for m in metrics] == list(range(1, 9))
+    assert metrics[0]["selected_frac"] == 1 and metrics[-1]["selected_frac"] == 1
+    assert all(0.5 < m["selected_frac"] < 1 for m in metrics[1:-1])
+    assert summary["complete"] and summary["updates"] < summary["budget"] == 8 * 10
+    assert [m["lr"] for m in metrics] == pytest.approx([0.05] * 5 + [0.005] * 3)
 
 
 @needs_fmnist
@@ -813,6 +872,8 @@ def run_main(argv, capsys):
     (["--student", "resnet50"], "'resnet50'"),
     (["--embed-net", "alexnet"], "'alexnet'"),
     (["--sampler", "greedy"], "'greedy'"),
+    (["--prune-ratio", "1"], "--prune-ratio must be in [0, 1)"),
+    (["--anneal", "1.5"], "--anneal must be in [0, 1]"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--lr", "-0.1"], "--lr must be positive"),
     (["--train-size", "-5"], "--train-size must be >= 0"),
@@ -892,6 +953,7 @@ COPY_CHECKS = {  # block -> a call on a tiny input; the copy must give what the 
     "spld_select": lambda f: f(tiny_index()[0][:, 0], tiny_index()[1], 0.1, 0.5),
     "spld_pace": lambda f: torch.as_tensor(f(tiny_index()[0][:, 0], 2, "rank", 0.3, 0.5, 0.1, 0.1,
                                              groups=tiny_index()[1])[0]),
+    "infobatch_select": lambda f: f(tiny_index()[0][:, 0], 0.5, 0.3, generator=torch.Generator().manual_seed(0))[0],
     "pace_keeps_all": lambda f: torch.tensor(f(9, "rank", 0.3, 0.2, torch.tensor([5, 9, 4]))),
     "magnet_predict": lambda f: f(tiny_index()[0], tiny_index()[0][:6], torch.arange(6) % 3, 1.0, 3),
     "make_net": lambda f: torch.cat([net_output(f, name) for name in ("lenet", "vgg16", "resnet18", "wrn-10-1")]),
