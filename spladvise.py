@@ -43,9 +43,9 @@ scoring from the last pass's training losses (the exact scoring pass is cheap on
 
 Sections (`grep -n '^# ----' spladvise.py`):
     1 imports · 2 Config · 3 data · 4 networks · 5 K-Means++ and the cluster index · 6 Magnet Loss and
-    neighbourhood sampling (Alg. 1) · 7 SPLD selector (Alg. 2, Eq. 2) · 8 training steps and evaluation ·
-    9 embedding process (two-process plumbing) · 10 student loop (Alg. 2) · 11 runs, seeds and benchmark ·
-    12 CLI and main
+    neighbourhood sampling (Alg. 1) · 7 SPLD selector (Alg. 2, Eq. 2; and the InfoBatch baseline) · 8 training
+    steps and evaluation · 9 embedding process (two-process plumbing) · 10 student loop (Alg. 2) · 11 runs, seeds
+    and benchmark · 12 figures (Figs. 2, 3) · 13 CLI and main
 """
 
 # ---- 1. imports ------------------------------------------------------------------------------------------
@@ -94,6 +94,7 @@ class Config:
     compile: bool = False  # torch.compile the student
     bench: bool = False  # run the sampler comparison of section 11 instead of one training run
     bench_jobs: int = 1  # benchmark runs at a time (one process each)
+    plot: bool = False  # draw OUT/curves.png and OUT/embedding.png (paper Figs. 3, 2) after the run; needs matplotlib
     # data
     train_size: int | None = None  # class-balanced subset of the training set; 0 = all (cpu preset 20000)
     test_size: int | None = None  # class-balanced subset of the test set; 0 = all
@@ -826,9 +827,22 @@ def embedding_refresh(state: dict, data: dict, cfg: Config) -> dict:
     test_emb = forward_all(state["net"], data["x_test"], data["mean"], data["std"], cfg.score_batch, device)
     predicted = magnet_predict(test_emb, centroids, cluster_class, variance, min(cfg.neighbours, len(centroids)))
     state["version"] += 1
+    save_figure_sample(cfg.run_dir, state["version"], state["iteration"], test_emb, data["y_test"])
     return {"assign": assign, "centroids": centroids, "cluster_class": cluster_class,
             "embed_acc": (predicted == data["y_test"]).float().mean().item(), "version": state["version"],
             "iteration": state["iteration"]}
+
+
+def save_figure_sample(folder: str, version: int, iteration: int, test_emb, y_test, per_class: int = 50):
+    """Fig. 2's input, C · per_class · d floats per index version: the embedding of the first `per_class` test
+    images of each class -> OUT/embeddings/v{version}.pt, which --plot projects."""
+    order, rank, _ = rank_in_group(torch.arange(len(y_test), dtype=torch.float64, device=y_test.device), y_test)
+    idx = order[rank <= per_class]  # (S,) class-balanced, the same images at every version
+    path = os.path.join(folder, "embeddings", f"v{version:05d}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"version": version, "iteration": iteration, "emb": test_emb[idx].cpu(),
+                "labels": y_test[idx].cpu()}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a killed writer leaves no torn file for --plot
 
 
 def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
@@ -1410,7 +1424,7 @@ def seed_runs(cfg: Config) -> list[Config]:
 def write_aggregate(cfg: Config) -> dict:
     result = aggregate_runs([run.run_dir for run in seed_runs(cfg)])
     with open(os.path.join(cfg.run_dir, "aggregate.json"), "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump({"sampler": cfg.sampler, **result}, f, indent=1)
     print(f"[runs] {cfg.sampler}: final acc {result['final_acc']['mean']:.4f} ± {result['final_acc']['std']:.4f} "
           f"best {result['best_acc']['mean']:.4f} over {cfg.runs} seeds -> {cfg.run_dir}/aggregate.json", flush=True)
     return result
@@ -1508,7 +1522,7 @@ def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
     2. final: every row of BENCH_ROWS with the same student, budget and seeds (--runs) on the test set.
     Prints Markdown tables (accuracy, cost per phase); writes OUT/bench.json and OUT/bench.md."""
     root, seeds = cfg.run_dir, cfg.runs if cfg.runs > 1 else 5  # the paper's 5; mean ± std needs several
-    base = dataclasses.replace(cfg, bench=False, resume=False, runs=1)
+    base = dataclasses.replace(cfg, bench=False, resume=False, runs=1, plot=False)
     val = dataclasses.replace(base, val_size=cfg.val_size or max(1000, (cfg.train_size or 60000) // 10))
     progress = {"done": 0, "ran": 0, "t0": time.time(),
                 "total": sum(len(pace_settings(r)) for r in ("spl", "spld", "spladvise", "spladvise-rank"))
@@ -1592,12 +1606,89 @@ def cost_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-# ---- 12. CLI and main ------------------------------------------------------------------------------------
+# ---- 12. figures (paper Figs. 2 and 3; matplotlib is imported only for --plot) ---------------------------
+def finished_results(folder: str) -> bool:
+    """True if folder holds a finished benchmark, --runs aggregate or single run; --plot then only draws it."""
+    if any(os.path.exists(os.path.join(folder, name)) for name in ("bench.json", "aggregate.json")):
+        return True
+    try:
+        return json.load(open(os.path.join(folder, "summary.json")))["complete"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def accuracy_curves(folder: str) -> dict:
+    """Test accuracy against updates: a benchmark's rows or a --runs aggregate (mean ± std over seeds), or one run.
+    -> {name: (updates, mean, std)} arrays, cut where nothing was measured (InfoBatch ends early)."""
+    if os.path.exists(path := os.path.join(folder, "bench.json")):
+        curves = {row: r["curve"] for row, r in json.load(open(path))["results"].items()}
+    elif os.path.exists(path := os.path.join(folder, "aggregate.json")):
+        agg = json.load(open(path))
+        curves = {agg.get("sampler", "mean over seeds"): agg["curve"]}
+    else:
+        records = read_jsonl(os.path.join(folder, "metrics.jsonl"))
+        curves = {json.load(open(os.path.join(folder, "summary.json")))["sampler"]: {
+            "updates": [r["updates"] for r in records], "test_acc_mean": [r["test_acc"] for r in records],
+            "test_acc_std": [0.0] * len(records)}}
+    result = {}
+    for name, c in curves.items():
+        u, mean, std = (np.asarray(c[k], dtype=np.float64) for k in ("updates", "test_acc_mean", "test_acc_std"))
+        result[name] = (u[np.isfinite(mean)], mean[np.isfinite(mean)], std[np.isfinite(mean)])
+    return result
+
+
+def figure_samples(folder: str) -> list[dict]:
+    """The embedding snapshots of the first, a middle and the last index version of the folder's run (the first
+    seed of --runs; a benchmark's spladvise row)."""
+    import glob
+    for pattern in ("", "seed-*", "spladvise/seed-*"):
+        paths = sorted(glob.glob(os.path.join(folder, pattern, "embeddings", "v*.pt")))
+        if paths:
+            paths = [p for p in paths if os.path.dirname(p) == os.path.dirname(paths[0])]
+            picks = sorted({0, len(paths) // 2, len(paths) - 1})
+            return [torch.load(paths[i], weights_only=False) for i in picks]
+    return []
+
+
+def plot_folder(folder: str) -> list[str]:
+    """--plot: OUT/curves.png (Fig. 3: mean test accuracy against updates, ±1 std band) and, where the run has an
+    embedding, OUT/embedding.png (Fig. 2: a class-balanced test sample at the first, a middle and the last index,
+    PCA to 2-D; the paper used t-SNE). -> the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (updates, mean, std) in accuracy_curves(folder).items():
+        ax.plot(updates, mean, label=name)
+        ax.fill_between(updates, mean - std, mean + std, alpha=0.2)
+    ax.set(xlabel="student updates", ylabel="test accuracy", title="Test accuracy, mean ± 1 std (paper Fig. 3)")
+    ax.legend()
+    written = [os.path.join(folder, "curves.png")]
+    fig.savefig(written[0], dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    samples = figure_samples(folder)
+    if samples:
+        fig, axes = plt.subplots(1, len(samples), figsize=(4.5 * len(samples), 4.5), squeeze=False)
+        for ax, sample in zip(axes[0], samples):
+            emb = sample["emb"].double()  # (S, d)
+            _, _, v = torch.pca_lowrank(emb, q=min(2, emb.shape[1]))  # (d, 2); centres emb itself
+            xy = F.pad((emb - emb.mean(0)) @ v, (0, 2 - v.shape[1]))  # (S, 2)
+            ax.scatter(xy[:, 0], xy[:, 1], c=sample["labels"], cmap="tab10", s=8)
+            ax.set(title=f"index v{sample['version']}, embedding iteration {sample['iteration']}", xticks=[],
+                   yticks=[])
+        fig.suptitle("Test images in the embedding, coloured by class; PCA to 2-D (paper Fig. 2 used t-SNE)")
+        written.append(os.path.join(folder, "embedding.png"))
+        fig.savefig(written[1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return written
+
+
+# ---- 13. CLI and main ------------------------------------------------------------------------------------
 CHOICES = {"dataset": DATASETS, "sampler": ("spladvise", "spld", "spl", "random", "infobatch"),
            "preset": ("auto", "paper", "cpu"), "embed_mode": ("process", "inline"), "pace": ("quantile", "absolute", "rank"),
            "student": NETS, "embed_net": NETS}
 RUNTIME_FIELDS = {"resume", "max_minutes", "gpu", "embed_gpu", "out", "data_dir", "download", "compile", "runs",
-                  "bench", "bench_jobs"}  # may change on --resume; every other field must match the checkpoint's
+                  "bench", "bench_jobs", "plot"}  # may change on --resume; every other field must match the checkpoint's
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -1682,6 +1773,11 @@ def resolve_config(cfg: Config) -> Config:
         raise ConfigError(f"--augment {cfg.augment!r} / --milestones {cfg.milestones!r}: {e}")
     if any(not 0 < f < 1 for f in fractions):
         raise ConfigError(f"--milestones {cfg.milestones!r}: give fractions of the budget in (0, 1), e.g. 0.5,0.75")
+    if cfg.plot:
+        try:
+            import matplotlib  # noqa: F401  (the optional extra; checked before any training starts)
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib, an optional extra: pip install matplotlib")
     return cfg
 
 
@@ -1709,6 +1805,24 @@ def prepare_run_dir(cfg: Config):
         os.remove(os.path.join(cfg.run_dir, "metrics.jsonl"))  # same run, never checkpointed: start afresh
 
 
+def run_requested(cfg: Config, stop_requested):
+    """The benchmark, --runs seeds (then their aggregate), or one training run."""
+    if cfg.bench:
+        run_bench(cfg, stop_requested)
+    elif cfg.runs > 1:
+        for run in seed_runs(cfg):
+            prepare_run_dir(run)
+            train(run, stop_requested)
+            if stop_requested():
+                return
+        write_aggregate(cfg)
+    else:
+        prepare_run_dir(cfg)
+        summary = train(cfg, stop_requested)
+        print(f"[student] done: final_acc={summary['final_acc']:.4f} best_acc={summary['best_acc']:.4f} "
+              f"updates={summary['updates']} wall={summary['wall_s']:.1f}s -> {cfg.run_dir}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 a failure during training (its cause printed), 2 bad input, 128 + signal number
     when stopped by SIGINT / SIGTERM after a clean checkpoint."""
@@ -1720,21 +1834,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(parse_args(argv))
         print("[config] " + json.dumps(dataclasses.asdict(cfg)), flush=True)
-        if cfg.bench:
-            run_bench(cfg, stop_requested)
-        elif cfg.runs > 1:
-            for run in seed_runs(cfg):
-                prepare_run_dir(run)
-                train(run, stop_requested)
-                if stop_requested():
-                    break
-            else:
-                write_aggregate(cfg)
-        else:
-            prepare_run_dir(cfg)
-            summary = train(cfg, stop_requested)
-            print(f"[student] done: final_acc={summary['final_acc']:.4f} best_acc={summary['best_acc']:.4f} "
-                  f"updates={summary['updates']} wall={summary['wall_s']:.1f}s -> {cfg.run_dir}", flush=True)
+        if not (cfg.plot and finished_results(cfg.run_dir)):  # --plot --out DIR only draws what DIR holds
+            run_requested(cfg, stop_requested)
+        if cfg.plot and not received:
+            for path in plot_folder(cfg.run_dir):
+                print(f"[plot] {path}", flush=True)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

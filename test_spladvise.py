@@ -747,6 +747,75 @@ def test_runs_writes_mean_and_std_of_the_per_seed_summaries(tmp_path):
     assert agg["curve"]["updates"][-1] == 20 and agg["curve"]["test_acc_mean"][-1] == pytest.approx(np.mean(last))
 
 
+def plots_or_exit_2(argv, out, capsys, monkeypatch):
+    """--plot: both figures where matplotlib imports; else exit 2 with the pip line (the missing case is also
+    forced, so both branches are checked wherever the suite runs)."""
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+        code, err = run_main(argv + ["--out", str(out)], capsys)
+        assert code == 2 and "pip install matplotlib" in err and len(err.strip().splitlines()) == 1, err
+        assert not os.path.exists(out / "metrics.jsonl")  # refused before training started
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert run_main(argv + ["--out", str(out)], capsys)[0] == 0
+    for name in ("curves.png", "embedding.png"):
+        assert (out / name).stat().st_size > 10_000, name
+        (out / name).unlink()
+    assert run_main(["--plot", "--gpu", "-1", "--out", str(out)], capsys)[0] == 0  # redraw a finished folder
+    assert all((out / name).stat().st_size > 10_000 for name in ("curves.png", "embedding.png"))
+
+
+@needs_fmnist
+def test_plot_draws_the_accuracy_curves_and_the_embedding_of_a_runs_folder(tmp_path, capsys, monkeypatch):
+    """--plot with --runs 2: curves.png from aggregate.json, embedding.png from the first seed's snapshots (one
+    per published index, 50 test images of each class); --plot --out DIR redraws them without training."""
+    out = tmp_path / "runs"
+    plots_or_exit_2(TINY + ["--updates", "40", "--runs", "2", "--plot"], out, capsys, monkeypatch)
+    snapshots = sorted((out / "seed-0" / "embeddings").glob("v*.pt"))
+    assert len(snapshots) >= 2
+    first = torch.load(snapshots[0], weights_only=False)
+    assert first["emb"].shape == (300, 8) and torch.equal(torch.bincount(first["labels"]), torch.full((10,), 30))
+
+
+def test_bench_tables_and_curves_show_what_infobatch_saved(tmp_path, capsys):
+    """Benchmark rendering on made-up runs: the cost table gives each row's mean updates and wall seconds, and the
+    curves stop where InfoBatch's runs stopped (nothing measured after); --plot draws them from bench.json."""
+    def run(updates_per_pass, acc, wall_per_update):
+        u = np.cumsum(updates_per_pass)
+        return [{"updates": int(x), "test_acc": acc * x / u[-1], "wall_s": wall_per_update * x, "t_train": 0.0,
+                 "t_score": 0.0, "t_embed": 0.0, "t_select": 0.0, "selected_frac": 1.0, "embed_version": None}
+                for x in u]
+    metrics = {"random": [run([10] * 8, 0.8, 1.0), run([10] * 8, 0.9, 1.0)],
+               "infobatch": [run([10, 6, 6, 6, 6, 6, 6, 10], 0.8, 1.0), run([10, 7, 7, 7, 7, 7, 7, 10], 0.8, 1.0)]}
+    for row, runs in metrics.items():
+        for seed, m in enumerate(runs):
+            folder = tmp_path / row / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in m))
+            (folder / "summary.json").write_text(json.dumps({"final_acc": m[-1]["test_acc"], "best_acc": m[-1][
+                "test_acc"], "updates": m[-1]["updates"], "wall_s": m[-1]["wall_s"], "budget": 80}))
+    results = {row: S.aggregate_runs([str(tmp_path / row / f"seed-{s}") for s in (0, 1)]) for row in metrics}
+    for row, r in results.items():
+        r["metrics"] = metrics[row]
+    cost = S.cost_table(results)
+    assert "| random | 80 | 80.0 | 1000.0 | 1.00 |" in cost and "| infobatch | 59 | 59.0 | 1000.0 | 1.00 |" in cost
+    curve = results["infobatch"]["curve"]
+    measured = [u for u, a in zip(curve["updates"], curve["test_acc_mean"]) if not math.isnan(a)]
+    assert measured[-1] == 56 and curve["updates"][-1] == 80  # after 56 (the shorter seed's end): nothing
+    (tmp_path / "bench.json").write_text(json.dumps({"results": results}))
+    curves = S.accuracy_curves(str(tmp_path))
+    assert curves["infobatch"][0][-1] == measured[-1] and curves["random"][0][-1] == 80
+    assert curves["random"][1][-1] == pytest.approx(0.85) and curves["random"][2][-1] == pytest.approx(0.0707, 1e-3)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert run_main(["--plot", "--gpu", "-1", "--out", str(tmp_path)], capsys)[0] == 0
+    assert (tmp_path / "curves.png").stat().st_size > 10_000 and not (tmp_path / "embedding.png").exists()
+
+
 # ---- reliability: every failure ends cleanly, loses nothing, says what happened -------------------------
 @needs_fmnist
 def test_embedding_child_that_raises_stops_the_run_with_its_message(tmp_path):
