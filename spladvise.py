@@ -1834,8 +1834,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(parse_args(argv))
         print("[config] " + json.dumps(dataclasses.asdict(cfg)), flush=True)
-        if not (cfg.plot and finished_results(cfg.run_dir)):  # --plot --out DIR only draws what DIR holds
-            run_requested(cfg, stop_requested)
+        if cfg.bench or not (cfg.plot and finished_results(cfg.run_dir)):  # --plot --out DIR only draws DIR
+            run_requested(cfg, stop_requested)  # (a benchmark always runs: it reuses every finished run)
         if cfg.plot and not received:
             for path in plot_folder(cfg.run_dir):
                 print(f"[plot] {path}", flush=True)
