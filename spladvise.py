@@ -1793,8 +1793,9 @@ def prepare_run_dir(cfg: Config):
         except Exception as e:
             raise ConfigError(f"--resume: {ckpt_path} cannot be read ({type(e).__name__}: {e})")
     if saved is not None:
-        differ = [f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in dataclasses.asdict(cfg).items()
-                  if k not in RUNTIME_FIELDS and saved.get(k) != v]
+        saved = {**{f.name: f.default for f in dataclasses.fields(Config)}, **saved}  # fields added since: defaults
+        differ = [f"{k}: {saved[k]!r} there, {v!r} here" for k, v in dataclasses.asdict(cfg).items()
+                  if k not in RUNTIME_FIELDS and saved[k] != v]
         if differ:
             raise ConfigError(f"{cfg.run_dir} holds a different run ({'; '.join(differ)}); use another --out"
                               + ("" if cfg.resume else " or the same flags with --resume"))
