@@ -29,8 +29,9 @@ Run (the smallest first):
 What the defaults reproduce (README.md "Results" has the commands, commits and tables): not the paper's gain.
 On 2 CPU cores (torch 2.15.0), LeNet student on 5,000 Fashion-MNIST images, 400 updates, 5 seeds, the embedding
 warmed up for 15 epochs: random 81.68 ± 0.54, spladvise 80.89 ± 0.30 (frozen index 80.84 ± 0.38, the authors' rank
-pace 81.42 ± 0.39), SPLD 81.10 ± 0.36, SPL 80.81 ± 0.85, spladvise at 4.5x random's wall time (paper, 5 seeds:
-94.12 / 93.17 / 92.77). The paper-scale GPU comparison with a trained embedding is not yet run.
+pace 81.42 ± 0.39), SPLD 81.10 ± 0.36, SPL 80.81 ± 0.85, spladvise at 4.4x random's wall time (paper, 5 seeds:
+94.12 / 93.17 / 92.77); the InfoBatch baseline 81.44 ± 0.52 in random's epochs with 26 % fewer updates. The
+paper-scale GPU comparison with a trained embedding is not yet run.
 
 Deviations (each tagged `# DEVIATION:` where it is implemented):
     - Magnet Loss scales by 1/(2σ²), not the 1/(2σ⁴) of every public port (NOTES §1).
@@ -43,9 +44,9 @@ scoring from the last pass's training losses (the exact scoring pass is cheap on
 
 Sections (`grep -n '^# ----' spladvise.py`):
     1 imports · 2 Config · 3 data · 4 networks · 5 K-Means++ and the cluster index · 6 Magnet Loss and
-    neighbourhood sampling (Alg. 1) · 7 SPLD selector (Alg. 2, Eq. 2; and the InfoBatch baseline) · 8 training
-    steps and evaluation · 9 embedding process (two-process plumbing) · 10 student loop (Alg. 2) · 11 runs, seeds
-    and benchmark · 12 figures (Figs. 2, 3) · 13 CLI and main
+    neighbourhood sampling (Alg. 1) · 7 other deep-metric-learning objectives (§5) · 8 SPLD selector (Alg. 2,
+    Eq. 2; and the InfoBatch baseline) · 9 training steps and evaluation · 10 embedding process (two-process
+    plumbing) · 11 student loop (Alg. 2) · 12 runs, seeds and benchmark · 13 figures (Figs. 2, 3) · 14 CLI and main
 """
 
 # ---- 1. imports ------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ class Config:
     max_minutes: float = 0.0  # wall-clock budget; 0 = none. Ends cleanly with a checkpoint
     deterministic: bool = False  # cuDNN deterministic kernels
     compile: bool = False  # torch.compile the student
-    bench: bool = False  # run the sampler comparison of section 11 instead of one training run
+    bench: bool = False  # run the sampler comparison of section 12 instead of one training run
     bench_jobs: int = 1  # benchmark runs at a time (one process each)
     plot: bool = False  # draw OUT/curves.png and OUT/embedding.png (paper Figs. 3, 2) after the run; needs matplotlib
     # data
@@ -122,6 +123,8 @@ class Config:
     m: int = 8  # M, clusters per magnet batch
     d: int = 8  # D, examples per cluster in a magnet batch (batch = M*D = 64)
     alpha: float = 1.0  # Magnet Loss margin α, Eq. 1
+    embed_loss: str = "magnet"  # magnet (Eq. 1) | osm_caa | triplet_global | dml_crc (paper §5, NOTES §6)
+    triplet_target: float = 0.5  # triplet_global: share of mined triplets with a non-zero hinge the margin tracks
     refresh: int = 0  # R, embedding iterations between index refreshes; 0 = one embedding epoch; -1 = frozen
     embed_warmup: float = 5.0  # embedding epochs trained before the student's first selection (README "Results")
     kmeans_iters: int = 20  # Lloyd iterations per K-Means++ run
@@ -654,7 +657,127 @@ def magnet_predict(emb: torch.Tensor, centroids: torch.Tensor, cluster_class: to
     return votes.scatter_add_(1, cluster_class[nearest], weight).argmax(1)  # (B,)
 
 
-# ---- 7. SPLD selector (paper §3.2, Alg. 2 steps 7-13, Eq. 2) ---------------------------------------------
+# ---- 7. other deep-metric-learning objectives (paper §5, NOTES §6) ---------------------------------------
+# Paper §5: "other DML losses can be used as long as they form clusters". The cluster index (per-class K-Means++ on
+# the embedding), its refresh and the selector stay as they are; only the embedding's batches and loss change.
+def class_balanced_batch(by_class: list, p: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """P random classes × K random examples of each (drawn with replacement only inside a class smaller than K).
+    by_class: one index tensor per class -> idx (P*K,)"""
+    classes = torch.randperm(len(by_class), generator=generator)[:p]  # (P,)
+    idx = []
+    for c in classes.tolist():
+        members = by_class[c]
+        pick = (torch.randperm(len(members), generator=generator)[:k] if len(members) >= k else
+                torch.randint(len(members), (k,), generator=generator))
+        idx.append(members[pick])
+    return torch.cat(idx)  # (P*K,)
+
+
+def osm_caa_loss(emb: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, margin: float = 1.2,
+                 lam: float = 0.5, sigma: float = 0.8) -> torch.Tensor:
+    """Weighted contrastive loss with online soft mining and class-aware attention (Wang et al., AAAI 2019,
+    arXiv:1811.01459, Eqs. 3-8; NOTES §6). emb (B, d) raw embeddings, labels (B,), logits (B, C) of a linear head on
+    the normalised embedding -> scalar. Over all pairs i < j of f = emb/‖emb‖, d_ij = ‖f_i − f_j‖: positive weight
+    exp(−d²/σ²), negative weight max(0, α − d), each × min(a_i, a_j), a_i = softmax(logits_i)[y_i]; the weights are
+    constants. The paper's text, not its Caffe code (which uses exp(−d²/(2σ²)) and a Gaussian of a_i)."""
+    f = F.normalize(emb, dim=1)  # (B, d)
+    i, j = torch.triu_indices(len(f), len(f), 1, device=f.device)  # (P,) every pair i < j
+    d2 = (f[i] - f[j]).pow(2).sum(1)  # (P,)
+    d = d2.clamp_min(1e-12).sqrt()  # (P,) no infinite gradient at d = 0
+    same = labels[i] == labels[j]  # (P,)
+    with torch.no_grad():  # OSM × CAA weights: constants
+        a = logits.softmax(1).gather(1, labels[:, None]).squeeze(1)  # (B,) class-aware attention a_i
+        soft = torch.where(same, torch.exp(-d2 / sigma ** 2), (margin - d).clamp_min(0))  # (P,) online soft mining
+        w = soft * torch.minimum(a[i], a[j])  # (P,)
+    w_pos, w_neg = w * same, w * ~same  # (P,), (P,)
+    loss_pos = 0.5 * (w_pos * d2).sum() / w_pos.sum().clamp_min(1e-12)  # L_P
+    loss_neg = 0.5 * (w_neg * (margin - d).clamp_min(0).pow(2)).sum() / w_neg.sum().clamp_min(1e-12)  # L_N
+    return (1 - lam) * loss_pos + lam * loss_neg
+
+
+def triplet_global_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float = 0.2,
+                        t: float = 0.4, lam: float = 1.0) -> torch.Tensor:
+    """Smart Mining's objective (Harwood et al., ICCV 2017, Eq. 1-2; NOTES §6): the mean triplet hinge
+    max(0, ‖a − p‖² − ‖a − n‖² + m) plus the global loss of Kumar BG et al. (CVPR 2016),
+    σ²⁺ + σ²⁻ + λ max(0, μ⁺ − μ⁻ + t) over the T positive and T negative squared distances. (T, d) each -> scalar."""
+    d_pos = (anchor - positive).pow(2).sum(1)  # (T,)
+    d_neg = (anchor - negative).pow(2).sum(1)  # (T,)
+    triplet = (d_pos - d_neg + margin).clamp_min(0).mean()
+    global_loss = d_pos.var(unbiased=False) + d_neg.var(unbiased=False) + lam * (d_pos.mean() - d_neg.mean()
+                                                                                + t).clamp_min(0)
+    return triplet + global_loss
+
+
+def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor, n_neighbours: int,
+                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smart Mining's whole-set mining by exact nearest-neighbour search (the paper's FANNG is approximate): for each
+    anchor, the hard negative is the nearest other-class example; the hard positive the farthest among its
+    n_neighbours nearest same-class examples (itself excluded). Chunks of anchors against the whole set, never an
+    (N, N) matrix. emb (N, d), labels (N,), anchors (A,) indices -> positives (A,), negatives (A,) indices."""
+    positives, negatives = [], []
+    for a in anchors.split(chunk):  # (a,)
+        dist = sq_dists(emb[a], emb)  # (a, N)
+        same = labels[a][:, None] == labels[None, :]  # (a, N)
+        negatives.append(dist.masked_fill(same, math.inf).argmin(1))  # (a,)
+        dist[torch.arange(len(a), device=emb.device), a] = math.inf  # never the anchor itself
+        near, near_idx = dist.masked_fill(~same, math.inf).topk(min(n_neighbours, len(emb)), 1, largest=False)
+        farthest = near.masked_fill(near == math.inf, -1).argmax(1, keepdim=True)  # (a, 1) among those found
+        positives.append(torch.where(near[:, 0] < math.inf, near_idx.gather(1, farthest).squeeze(1), a))  # (a,)
+    return torch.cat(positives), torch.cat(negatives)  # (A,), (A,)
+
+
+def triplet_margin_step(margin: float, active_share: float, target: float = 0.5, rate: float = 0.5) -> float:
+    """Smart Mining's adaptive controller (UNSPECIFIED form: multiplicative): raise the margin when fewer mined
+    triplets than `target` have a non-zero hinge, lower it when more do."""
+    return margin * math.exp(rate * (target - active_share))
+
+
+def dml_crc_loss(z: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0, tau: float = 1.0) -> torch.Tensor:
+    """DML-CRC (Chakraborti et al., arXiv:1905.01168; NOTES §6, UNSPECIFIED: no formulas were published). z (B, d) =
+    A·f with A the learnt Mahalanobis factor (M = AᵀA). Each example's collaborative code over the other B − 1
+    examples D: c = (DᵀD + κI)⁻¹Dᵀz_i; class residuals r_k = ‖z_i − D_k c_k‖² for the classes present among the
+    others; the loss is the mean cross-entropy of softmax(−r/τ) against y_i. Needs ≥ 2 examples of each class."""
+    b = len(z)
+    others = torch.arange(b, device=z.device).expand(b, b)[~torch.eye(b, dtype=torch.bool, device=z.device)]
+    others = others.view(b, b - 1)  # (B, B−1) every index but i
+    dictionary = z[others]  # (B, B−1, d) row j of D_i: z of the j-th other example
+    gram = dictionary @ dictionary.transpose(1, 2)  # (B, B−1, B−1) DᵀD
+    eye = torch.eye(b - 1, dtype=z.dtype, device=z.device)
+    code = torch.linalg.solve(gram + ridge * eye, dictionary @ z[:, :, None])  # (B, B−1, 1) ridge solution c
+    onehot = F.one_hot(labels[others], int(labels.max()) + 1).to(z.dtype)  # (B, B−1, C)
+    recon = (onehot * code).transpose(1, 2) @ dictionary  # (B, C, d) D_k c_k for every class k
+    residual = (z[:, None, :] - recon).pow(2).sum(2)  # (B, C)
+    logits = torch.where(onehot.sum(1) > 0, -residual / tau, -math.inf)  # (B, C) absent classes never win
+    return F.cross_entropy(logits, labels)
+
+
+def recall_at_1(emb: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> float:
+    """Share of examples whose nearest other example (squared Euclidean) has their class. emb (N, d), labels (N,)."""
+    hits = 0
+    for start in range(0, len(emb), chunk):
+        dist = sq_dists(emb[start:start + chunk], emb)  # (c, N)
+        rows = torch.arange(len(dist), device=emb.device)
+        dist[rows, rows + start] = math.inf  # not itself
+        hits += int((labels[dist.argmin(1)] == labels[start:start + chunk]).sum())
+    return hits / len(emb)
+
+
+def nmi(assign: torch.Tensor, labels: torch.Tensor) -> float:
+    """Normalised mutual information of a clustering and the labels, 2 I(U; V) / (H(U) + H(V)) (the arithmetic
+    normalisation, scikit-learn's default), from their contingency table. assign (N,), labels (N,) ints."""
+    table = torch.zeros(int(assign.max()) + 1, int(labels.max()) + 1, dtype=torch.float64, device=assign.device)
+    table.index_put_((assign, labels), torch.ones(len(assign), dtype=torch.float64, device=assign.device),
+                     accumulate=True)  # (U, V)
+    p = table / len(assign)  # (U, V) joint
+    pu, pv = p.sum(1), p.sum(0)  # (U,), (V,)
+    nz = p > 0
+    mutual = (p[nz] * (p[nz] / (pu[:, None] * pv[None, :])[nz]).log()).sum()
+    entropy = lambda q: -(q[q > 0] * q[q > 0].log()).sum()
+    denominator = entropy(pu) + entropy(pv)
+    return float(2 * mutual / denominator) if denominator > 0 else 1.0
+
+
+# ---- 8. SPLD selector (paper §3.2, Alg. 2 steps 7-13, Eq. 2) ---------------------------------------------
 def rank_in_group(losses: torch.Tensor, groups: torch.Tensor):
     """Sort by group, then by loss inside it: one stable sort pair, no loop over groups. losses (N,), groups (N,)
     non-negative ints -> order (N,), rank (N,) = 1..n_k of order's samples inside their group, sizes (G,)."""
@@ -737,7 +860,7 @@ def infobatch_select(scores: torch.Tensor, prune_ratio: float, progress: float, 
     return kept, weights
 
 
-# ---- 8. training steps and evaluation --------------------------------------------------------------------
+# ---- 9. training steps and evaluation --------------------------------------------------------------------
 class NonFiniteLoss(Exception):
     """A loss became NaN or inf; `network` names which one, `update` the step."""
 
@@ -787,50 +910,80 @@ def accuracy(net, x, y, mean, std, batch, device) -> float:
     return (forward_all(net, x, mean, std, batch, device).argmax(1) == y).float().mean().item()
 
 
-def new_embedding_state(cfg: Config, shape, device) -> dict:
-    """Everything the embedding trainer carries between iterations: net, Adam, sampler, counters, generator."""
+def new_embedding_state(cfg: Config, shape, n_classes: int, device) -> dict:
+    """Everything the embedding trainer carries between iterations: net (+ OSM's head), Adam, sampler, counters,
+    generator, Smart Mining's margin and triplets."""
     net = build_net(cfg.embed_net, shape, cfg.embed_dim, 0.0, device)
-    return {"net": net, "opt": torch.optim.Adam(net.parameters(), lr=cfg.embed_lr), "sampler": None,
-            "iteration": 0, "sigma2_sum": 0.0, "sigma2_count": 0, "version": 0,
+    if cfg.embed_loss == "dml_crc":  # z = A·f: A, the Mahalanobis factor (M = AᵀA), is the net's last layer
+        net = nn.Sequential(net, nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=False)).to(device)
+        nn.init.eye_(net[1].weight)
+    head = nn.Linear(cfg.embed_dim, n_classes).to(device) if cfg.embed_loss == "osm_caa" else nn.Identity()
+    return {"net": net, "head": head, "opt": torch.optim.Adam([*net.parameters(), *head.parameters()],
+                                                              lr=cfg.embed_lr), "sampler": None,
+            "iteration": 0, "sigma2_sum": 0.0, "sigma2_count": 0, "version": 0, "margin": 0.2, "triplets": None,
             "gen": torch.Generator().manual_seed(cfg.seed + 1)}
+
+
+SAVED_COUNTERS = ("iteration", "sigma2_sum", "sigma2_count", "version", "margin")
 
 
 def embedding_state_dict(state: dict) -> dict:
     s = state["sampler"]
-    return {"net": state["net"].state_dict(), "opt": state["opt"].state_dict(), "gen": state["gen"].get_state(),
-            **{k: state[k] for k in ("iteration", "sigma2_sum", "sigma2_count", "version")},
+    return {"net": state["net"].state_dict(), "head": state["head"].state_dict(), "opt": state["opt"].state_dict(),
+            "gen": state["gen"].get_state(), **{k: state[k] for k in SAVED_COUNTERS},
             "example_loss": s.example_loss if s else None, "seen": s.seen if s else None}
 
 
 def load_embedding_state(state: dict, saved: dict):
-    state["net"].load_state_dict(saved["net"])
-    state["opt"].load_state_dict(saved["opt"])
+    for key in ("net", "head", "opt"):
+        state[key].load_state_dict(saved[key])
     state["gen"].set_state(saved["gen"])
-    for key in ("iteration", "sigma2_sum", "sigma2_count", "version"):
-        state[key] = saved[key]
+    state.update({k: saved[k] for k in SAVED_COUNTERS})
     state["saved_losses"] = (saved["example_loss"], saved["seen"])
 
 
 def embedding_refresh(state: dict, data: dict, cfg: Config) -> dict:
-    """Alg. 1 step 2: embed the whole training set, per-class K-Means++, reindex the sampler; report the
-    embedding's soft-vote test accuracy. -> the index {assign, centroids, cluster_class, embed_acc}."""
+    """Alg. 1 step 2: embed the whole training set, per-class K-Means++, reindex the sampler (Smart Mining: mine
+    the triplets, move the margin); judge the embedding on the test set by soft-vote accuracy, Recall@1 and the NMI
+    of K-Means (k = C). -> the index {assign, centroids, cluster_class, embed_acc, embed_recall1, embed_nmi, ...}."""
     device = next(state["net"].parameters()).device
-    emb = forward_all(state["net"], data["x_train"], data["mean"], data["std"], cfg.score_batch, device)  # (N, d)
+    emb, test_emb = (forward_all(state["net"], data[x], data["mean"], data["std"], cfg.score_batch, device)
+                     for x in ("x_train", "x_test"))  # (N, d), (N_test, d)
+    if cfg.embed_loss == "osm_caa":  # its distances are between normalised embeddings: cluster those
+        emb, test_emb = F.normalize(emb, dim=1), F.normalize(test_emb, dim=1)
     gen = torch.Generator(device).manual_seed(cfg.seed + 1 + state["version"])
     assign, centroids, cluster_class = build_cluster_index(emb, data["y_train"], cfg.k, cfg.kmeans_iters, gen)
-    if state["sampler"] is None:
-        state["sampler"] = NeighbourhoodSampler(assign, centroids, cluster_class)
-        if "saved_losses" in state:
-            state["sampler"].example_loss, state["sampler"].seen = state.pop("saved_losses")
-    state["sampler"].reindex(assign, centroids, cluster_class)
-    variance = state["sigma2_sum"] / state["sigma2_count"] if state["sigma2_count"] else emb.var(0).sum().item()
-    test_emb = forward_all(state["net"], data["x_test"], data["mean"], data["std"], cfg.score_batch, device)
+    if cfg.embed_loss == "magnet":
+        if state["sampler"] is None:
+            state["sampler"] = NeighbourhoodSampler(assign, centroids, cluster_class)
+            if "saved_losses" in state:
+                state["sampler"].example_loss, state["sampler"].seen = state.pop("saved_losses")
+        state["sampler"].reindex(assign, centroids, cluster_class)
+    if cfg.embed_loss == "triplet_global":
+        mine_and_adapt(state, emb, data["y_train"], cfg)
+    variance = (state["sigma2_sum"] / state["sigma2_count"] if state["sigma2_count"] else  # σ² of Eq. 1, or
+                (emb - centroids[assign]).pow(2).sum(1).mean().item())  # the index's own for the other losses
     predicted = magnet_predict(test_emb, centroids, cluster_class, variance, min(cfg.neighbours, len(centroids)))
+    n_classes = len(centroids) // cfg.k
+    test_assign = kmeans_pp(test_emb, n_classes, cfg.kmeans_iters, gen)[1]  # (N_test,) class-agnostic
     state["version"] += 1
     save_figure_sample(cfg.run_dir, state["version"], state["iteration"], test_emb, data["y_test"])
     return {"assign": assign, "centroids": centroids, "cluster_class": cluster_class,
             "embed_acc": (predicted == data["y_test"]).float().mean().item(), "version": state["version"],
-            "iteration": state["iteration"]}
+            "iteration": state["iteration"], "embed_recall1": recall_at_1(test_emb, data["y_test"]),
+            "embed_nmi": nmi(test_assign, data["y_test"])}
+
+
+def mine_and_adapt(state: dict, emb: torch.Tensor, labels: torch.Tensor, cfg: Config):
+    """Smart Mining at a refresh: every sample's hard triplet from the whole set, then the controller's margin
+    step from the share of them the current margin keeps active (logged)."""
+    positives, negatives = mine_triplets(emb, labels, torch.arange(len(emb), device=emb.device), cfg.neighbours)
+    d_pos, d_neg = (emb - emb[positives]).pow(2).sum(1), (emb - emb[negatives]).pow(2).sum(1)  # (N,), (N,)
+    active = (d_pos - d_neg + state["margin"] > 0).double().mean().item()
+    state["triplets"] = (positives, negatives)
+    state["margin"] = triplet_margin_step(state["margin"], active, cfg.triplet_target)
+    print(f"[embedding] iteration={state['iteration']} triplet_active={active:.3f} "
+          f"margin={state['margin']:.4f}", flush=True)
 
 
 def save_figure_sample(folder: str, version: int, iteration: int, test_emb, y_test, per_class: int = 50):
@@ -869,29 +1022,54 @@ def embedding_catch_up(state: dict, data: dict, cfg: Config) -> dict | None:
 
 
 def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_going=lambda: True):
-    """Alg. 1 steps 3-7 for n_iters iterations: sample a neighbourhood batch, Magnet Loss, Adam step, record the
+    """Alg. 1 steps 3-7 for n_iters iterations: a batch, its loss, an Adam step; the Magnet Loss also records the
     per-example losses for the next seed draws."""
-    net, opt, sampler = state["net"], state["opt"], state["sampler"]
-    device = next(net.parameters()).device
+    device = next(state["net"].parameters()).device
     for _ in range(n_iters):
         if not keep_going():
             return
-        idx, clusters = sampler.sample(cfg.m, cfg.d, state["gen"])  # (M*D,), (M*D,)
-        idx_dev = idx.to(device)
-        with autocast(device):
-            # UNSPECIFIED: the embedding net sees no augmentation, as the index it is clustered for does not
-            r = net(to_input(data["x_train"][idx_dev], data["mean"], data["std"])).float()  # (M*D, d)
-        loss, per_example, sigma2 = magnet_loss(r, data["y_train"][idx_dev], clusters, cfg.alpha)
-        opt.zero_grad(set_to_none=True)
+        loss, magnet = embedding_batch_loss(state, data, cfg, device)
+        state["opt"].zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        state["opt"].step()
         state["iteration"] += 1
-        loss_value, sigma2_value = torch.stack([loss.detach(), sigma2.detach()]).tolist()  # one device sync
+        sigma2 = magnet[2].detach() if magnet else loss.detach()
+        loss_value, sigma2_value = torch.stack([loss.detach(), sigma2]).tolist()  # one device sync
         if not math.isfinite(loss_value):
             raise NonFiniteLoss("embedding", state["iteration"])
-        sampler.record(idx, per_example)
-        state["sigma2_sum"] += sigma2_value  # σ̄², the running mean of σ² used by magnet_predict
-        state["sigma2_count"] += 1
+        if magnet:
+            state["sampler"].record(magnet[0], magnet[1])
+            state["sigma2_sum"] += sigma2_value  # σ̄², the running mean of σ² used by magnet_predict
+            state["sigma2_count"] += 1
+
+
+def embedding_batch_loss(state: dict, data: dict, cfg: Config, device):
+    """One batch of the embedding objective: Alg. 1 steps 3-5 for the Magnet Loss, a class-balanced P × K batch
+    (P·K = M·D) for the others. -> (loss, (idx, per-example losses, σ²) for the Magnet Loss, else None)."""
+    x, y = data["x_train"], data["y_train"]
+    # UNSPECIFIED: the embedding net sees no augmentation, as the index it is clustered for does not
+    embed = lambda idx: state["net"](to_input(x[idx], data["mean"], data["std"])).float()  # (B, d)
+    if cfg.embed_loss == "magnet":
+        idx, clusters = state["sampler"].sample(cfg.m, cfg.d, state["gen"])  # (M*D,), (M*D,)
+        with autocast(device):
+            r = embed(idx.to(device))  # (M*D, d)
+        loss, per_example, sigma2 = magnet_loss(r, y[idx.to(device)], clusters, cfg.alpha)
+        return loss, (idx, per_example, sigma2)
+    if "by_class" not in state:
+        state["by_class"] = [(y == c).nonzero().flatten().cpu() for c in range(int(y.max()) + 1)]
+    p = min(cfg.m, len(state["by_class"]))
+    idx = class_balanced_batch(state["by_class"], p, cfg.magnet_batch // p, state["gen"]).to(device)  # (P*K,)
+    if cfg.embed_loss == "triplet_global":
+        positives, negatives = state["triplets"]
+        with autocast(device):
+            anchor, positive, negative = embed(torch.cat([idx, positives[idx], negatives[idx]])).chunk(3)
+        return triplet_global_loss(anchor, positive, negative, state["margin"]), None
+    with autocast(device):
+        r = embed(idx)  # (P*K, d)
+    if cfg.embed_loss == "dml_crc":
+        return dml_crc_loss(r, y[idx]), None
+    logits = state["head"](F.normalize(r, dim=1))  # (P*K, C) the class-aware attention's classifier
+    return osm_caa_loss(r, y[idx], logits) + F.cross_entropy(logits, y[idx]), None
 
 
 def student_pass(net, opt, sched, idx_pass, data, aug, batch, budget, updates, device, stop, weights=None,
@@ -925,7 +1103,7 @@ def student_pass(net, opt, sched, idx_pass, data, aug, batch, budget, updates, d
     return len(losses), losses.mean().item()
 
 
-# ---- 9. embedding process (Alg. 2 step 2: "in parallel with steps 3-16") ---------------------------------
+# ---- 10. embedding process (Alg. 2 step 2: "in parallel with steps 3-16") --------------------------------
 # The embedding trainer runs in a spawned child. The student (parent) allocates every shared tensor, keeps it alive
 # until the child has exited, and is the only reader; the child is the only writer. CUDA tensors travel by CUDA IPC,
 # CPU tensors live in shared memory. A publish writes the index, synchronises the device, then bumps the version,
@@ -934,16 +1112,19 @@ def student_pass(net, opt, sched, idx_pass, data, aug, batch, budget, updates, d
 #   assign          (N,)        int64    child      student    cluster id of every training sample
 #   centroids       (C*K, d)    float32  child      student    cluster centres
 #   cluster_class   (C*K,)      int64    child      student    class of each cluster
-#   status          (3,)        float64  child      student    [version, embed_acc, embedding iteration], CPU
+#   status          (5,)        float64  child      student    STATUS: version, embed_acc, iteration, ...; CPU
 class EmbeddingFailed(Exception):
     """The embedding process died; the message holds its exception text or exit signal."""
+
+
+STATUS = ("version", "embed_acc", "iteration", "embed_recall1", "embed_nmi")  # the index's scalars, in order
 
 
 def make_shared_index(n: int, n_clusters: int, dim: int, device: torch.device) -> dict:
     index = {"assign": torch.zeros(n, dtype=torch.int64, device=device),
              "centroids": torch.zeros(n_clusters, dim, device=device),
              "cluster_class": torch.zeros(n_clusters, dtype=torch.int64, device=device),
-             "status": torch.zeros(3, dtype=torch.float64)}
+             "status": torch.zeros(5, dtype=torch.float64)}
     return {k: v.share_memory_() if v.device.type == "cpu" else v for k, v in index.items()}
 
 
@@ -953,8 +1134,7 @@ def publish(shared: dict, lock, index: dict):
             shared[key].copy_(index[key])
         if shared["assign"].is_cuda:
             torch.cuda.synchronize(shared["assign"].device)
-        shared["status"].copy_(torch.tensor([index["version"], index["embed_acc"], index["iteration"]],
-                                            dtype=torch.float64))
+        shared["status"].copy_(torch.tensor([index[k] for k in STATUS], dtype=torch.float64))
 
 
 def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, errors, state_path: str, resume: bool,
@@ -966,7 +1146,8 @@ def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, error
         cfg = Config(**cfg_dict)
         torch.set_num_threads(n_threads)
         seed_everything(cfg.seed + 1, cfg.deterministic)
-        state = new_embedding_state(cfg, data["x_train"].shape[1:], data["x_train"].device)
+        state = new_embedding_state(cfg, data["x_train"].shape[1:], int(data["y_train"].max()) + 1,
+                                    data["x_train"].device)
         if resume and os.path.exists(state_path):
             load_embedding_state(state, torch.load(state_path, weights_only=False))
         parent = mp.parent_process()
@@ -1033,8 +1214,8 @@ def read_index(handle: dict, min_iteration: int, stop) -> dict | None:
                 index = {k: v.clone() for k, v in shared.items()}
             finally:
                 lock.release()
-            version, acc, iteration = index.pop("status").tolist()
-            return {**index, "version": int(version), "embed_acc": acc, "iteration": int(iteration)}
+            status = dict(zip(STATUS, index.pop("status").tolist()))
+            return {**index, **status, "version": int(status["version"]), "iteration": int(status["iteration"])}
         time.sleep(0.05)
 
 
@@ -1059,7 +1240,7 @@ def stop_embedding_process(handle: dict):
         proc.join()
 
 
-# ---- 10. student loop (Alg. 2) ---------------------------------------------------------------------------
+# ---- 11. student loop (Alg. 2) ---------------------------------------------------------------------------
 class ConfigError(Exception):
     """A bad flag or a flag that does not fit the data; main() prints it and exits with code 2."""
 
@@ -1193,7 +1374,7 @@ def start_clusters(cfg: Config, data: dict, out: str, ckpt: dict | None, cores: 
     if cfg.sampler != "spladvise":
         return None, None, index
     if cfg.embed_mode == "inline":
-        estate = new_embedding_state(cfg, shape, data["x_train"].device)
+        estate = new_embedding_state(cfg, shape, n_classes, data["x_train"].device)
         if ckpt:
             load_embedding_state(estate, ckpt["embedding"])
         fresh = embedding_refresh(estate, data, cfg)  # the neighbourhood sampler needs an index to draw from
@@ -1224,7 +1405,8 @@ def log_pass(path: str, record: dict):
     """One metrics.jsonl line and one log line per pass."""
     append_jsonl(path, record)
     fields = ("pass", "updates", "epoch", "train_loss", "test_acc", "selected_frac", "clusters_used",
-              "embed_version", "embed_acc", "wall_s", "t_train", "t_score", "t_embed", "t_select")
+              "embed_version", "embed_acc", "embed_recall1", "embed_nmi", "wall_s", "t_train", "t_score", "t_embed",
+              "t_select")
     show = lambda v: (f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}") if isinstance(v, float) else v  # never 1e+04
     print("[student] " + " ".join(f"{k}={show(record[k])}" for k in fields), flush=True)
 
@@ -1351,7 +1533,8 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             pool = st["selected"] if st["selected"] is not None else torch.arange(n, device=device)
             st["pass_start"], st["pass_len"] = st["updates"], math.ceil(len(pool) / cfg.batch_size)
             infobatch = cfg.sampler == "infobatch"  # its last pass may be a fraction of an epoch
-            end = st["updates"] + math.ceil(min(1, epochs - st["epochs_done"]) * st["pass_len"]) if infobatch else budget
+            end = (st["updates"] + math.ceil(min(1, epochs - st["epochs_done"]) * st["pass_len"]) if infobatch
+                   else budget)
             t3 = time.time()
             # Alg. 2 steps 3-4: one shuffled pass over the selected samples
             done, train_loss = student_pass(forward, opt, sched, pool[torch.randperm(len(pool), device=device)],
@@ -1375,8 +1558,8 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
                 "updates": st["updates"], "epoch": round(progress(st["updates"]) * epochs, 4),
                 "pass": st["passes"], "train_loss": train_loss, "test_acc": test_acc,
                 "selected_frac": len(pool) / n, **{k: st[k] for k in ("clusters_used", "lam", "gamma")},
-                **{key: index[k] if index else None for key, k in (("embed_version", "version"),
-                                                                   ("embed_acc", "embed_acc"), ("embed_iter", "iteration"))},
+                **{key: (index or {}).get(k) for key, k in (("embed_version", "version"), ("embed_iter", "iteration"),
+                   ("embed_acc", "embed_acc"), ("embed_recall1", "embed_recall1"), ("embed_nmi", "embed_nmi"))},
                 "lr": sched.get_last_lr()[0], "wall_s": st["wall"], "t_train": t_train, **times})
             save_checkpoint(ckpt_path, cfg, net, opt, sched, st, index, estate, device)
     finally:
@@ -1387,7 +1570,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     return write_summary(cfg, st, budget, progress(st["updates"]) >= 1, device)
 
 
-# ---- 11. runs, seeds and benchmark -----------------------------------------------------------------------
+# ---- 12. runs, seeds and benchmark -----------------------------------------------------------------------
 def curve_at(records: list[dict], grid: list[int]) -> list[float]:
     """Test accuracy against updates, linearly interpolated at the grid's update counts (NaN before the first
     evaluation and after the last: nothing was measured there; InfoBatch ends early)."""
@@ -1500,11 +1683,13 @@ BENCH_ROWS = {"random": dict(sampler="random"), "spl": dict(sampler="spl"), "spl
               "spladvise": dict(sampler="spladvise"),
               "spladvise-frozen": dict(sampler="spladvise", refresh=-1),  # the authors' schedule (NOTES §8)
               "spladvise-rank": dict(sampler="spladvise", pace="rank"),  # the authors' count pace (NOTES §8)
-              "infobatch": dict(sampler="infobatch")}  # its paper's r = 0.5, δ = 0.875; random's epochs
+              "infobatch": dict(sampler="infobatch"),  # its paper's r = 0.5, δ = 0.875; random's epochs
+              **{f"spladvise+{loss}": dict(sampler="spladvise", embed_loss=loss)  # paper §5: other DML losses
+                 for loss in ("osm_caa", "triplet_global", "dml_crc")}}
 # Pacing settings, fixed before any result was seen (paper §4 tried "5 combinations"), each row's best chosen on a
 # validation split: (f0, rho0, beta1 = beta2), for spladvise also the warm-up in embedding epochs. SPL ignores
-# rho0. spladvise-frozen takes spladvise's choice (an ablation changes one thing); spladvise-rank searches its
-# own pace (f0 = K_0 / mean cluster size there) with spladvise's warm-up.
+# rho0. spladvise-frozen and the other objectives take spladvise's choice (an ablation changes one thing);
+# spladvise-rank searches its own pace (f0 = K_0 / mean cluster size there) with spladvise's warm-up.
 PACE_GRID = [(0.5, 0.5, 0.1), (0.7, 0.5, 0.1), (0.3, 1.0, 0.2), (0.6, 0.25, 0.2)]
 SPLADVISE_GRID = [(0.7, 0.5, 0.1, 2), (0.7, 0.5, 0.1, 5), (0.7, 0.5, 0.1, 15), (0.6, 0.25, 0.2, 5),
                   (0.5, 0.5, 0.1, 5)]
@@ -1519,8 +1704,9 @@ def pace_settings(row: str) -> list[dict]:
 def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
     """The comparison of README "Results", `bench_jobs` runs at a time:
     1. pacing: each SPL row's settings on a validation split held out of the training set (one seed);
-    2. final: every row of BENCH_ROWS with the same student, budget and seeds (--runs) on the test set.
-    Prints Markdown tables (accuracy, cost per phase); writes OUT/bench.json and OUT/bench.md."""
+    2. final: every row of BENCH_ROWS with the same student, budget and seeds (--runs) on the test set;
+    3. each embedding objective alone, in this process (embedding_quality).
+    Prints Markdown tables (accuracy, cost per phase, embeddings); writes OUT/bench.json and OUT/bench.md."""
     root, seeds = cfg.run_dir, cfg.runs if cfg.runs > 1 else 5  # the paper's 5; mean ± std needs several
     base = dataclasses.replace(cfg, bench=False, resume=False, runs=1, plot=False)
     val = dataclasses.replace(base, val_size=cfg.val_size or max(1000, (cfg.train_size or 60000) // 10))
@@ -1539,22 +1725,56 @@ def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
         chosen[row] = settings[int(np.argmax(accs))]
         pacing += [f"| {row} | {s['f0']} | {s['rho0']} | {s['beta1']} | {s.get('embed_warmup', '—')} | {a:.4f} | "
                    f"{'yes' if s is chosen[row] else ''} |" for s, a in zip(settings, accs)]
-    chosen["spladvise-frozen"] = chosen["spladvise"]
+    chosen.update({row: chosen["spladvise"] for row, change in BENCH_ROWS.items()
+                   if row not in chosen and change["sampler"] == "spladvise"})
     finals = {row: dataclasses.replace(base, **BENCH_ROWS[row], **chosen.get(row, {}), runs=seeds,
                                        out=os.path.join(root, row)) for row in BENCH_ROWS}
     run_parallel([run for f in finals.values() for run in seed_runs(f)], cfg.bench_jobs, stop_requested, progress)
     results = {row: write_aggregate(f) for row, f in finals.items()}
     for r in results.values():
         r["metrics"] = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in r["runs"]]
+    quality = embedding_quality(dataclasses.replace(base, **chosen["spladvise"]), os.path.join(root, "embedding"))
     tables = ("Pacing (validation split, one seed):\n\n" + "\n".join(pacing) + "\n\nFinal runs (test set):\n\n"
               + accuracy_table(results) + f"\n\nCost of the final runs ({cfg.bench_jobs} at a time), seconds per "
-              f"1,000 updates, mean over seeds:\n\n" + cost_table(results))
+              f"1,000 updates, mean over seeds:\n\n" + cost_table(results) + "\n\nEach embedding objective alone "
+              "(the warm-up's iterations, refreshed every R, seed 1; test set):\n\n" + quality)
     print("\n" + tables, flush=True)
     with open(os.path.join(root, "bench.json"), "w") as f:
         json.dump({"chosen": chosen, "results": results, "config": dataclasses.asdict(cfg)}, f, indent=1)
     with open(os.path.join(root, "bench.md"), "w") as f:
         f.write(tables + "\n")
     return results
+
+
+def embedding_quality(cfg: Config, folder: str) -> str:
+    """Bench phase 3: each --embed-loss trained alone for cfg's warm-up iterations with its refreshes (the child's
+    schedule), then judged on the test set; seconds per iteration include the refreshes. Reuses the table of an
+    earlier call with the same config. -> Markdown table."""
+    path = os.path.join(folder, "quality.json")
+    if os.path.exists(path) and json.load(open(path))["config"] == dataclasses.asdict(cfg):
+        return json.load(open(path))["table"]
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    device = torch.device(cfg.gpu)
+    data = prepare_data(cfg, device)
+    n, rows = len(data["y_train"]), ["| objective | iterations | soft-vote acc | Recall@1 | NMI | s / iteration |",
+                                     "|---|---|---|---|---|---|"]
+    for loss in CHOICES["embed_loss"]:
+        run = dataclasses.replace(cfg, embed_loss=loss, out=os.path.join(folder, loss))
+        seed_everything(run.seed + 1, run.deterministic)
+        state = new_embedding_state(run, tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1, device)
+        t0 = time.time()
+        index = embedding_refresh(state, data, run)  # the sampler's first index, Smart Mining's first triplets
+        while state["iteration"] < run.warmup_iterations(n):
+            embedding_train(state, data, run, next_refresh(state["iteration"], run.refresh_iterations(n),
+                                                           run.warmup_iterations(n)) - state["iteration"])
+            index = embedding_refresh(state, data, run)
+        rows.append(f"| {loss} | {state['iteration']} | {index['embed_acc']:.4f} | {index['embed_recall1']:.4f} | "
+                    f"{index['embed_nmi']:.4f} | {(time.time() - t0) / state['iteration']:.3f} |")
+        print(f"[bench] embedding {rows[-1]}", flush=True)
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"config": dataclasses.asdict(cfg), "table": "\n".join(rows)}, f)
+    return "\n".join(rows)
 
 
 def seconds_per_1k(run: list[dict], key: str = "wall_s") -> float:
@@ -1606,7 +1826,7 @@ def cost_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-# ---- 12. figures (paper Figs. 2 and 3; matplotlib is imported only for --plot) ---------------------------
+# ---- 13. figures (paper Figs. 2 and 3; matplotlib is imported only for --plot) ---------------------------
 def finished_results(folder: str) -> bool:
     """True if folder holds a finished benchmark, --runs aggregate or single run; --plot then only draws it."""
     if any(os.path.exists(os.path.join(folder, name)) for name in ("bench.json", "aggregate.json")):
@@ -1639,14 +1859,15 @@ def accuracy_curves(folder: str) -> dict:
 
 def figure_samples(folder: str) -> list[dict]:
     """The embedding snapshots of the first, a middle and the last index version of the folder's run (the first
-    seed of --runs; a benchmark's spladvise row)."""
+    seed of --runs; a benchmark's spladvise row, else the first row that has them)."""
     import glob
-    for pattern in ("", "seed-*", "spladvise/seed-*"):
+    for pattern in ("", "seed-*", "spladvise/seed-*", "spladvise*/seed-*"):
         paths = sorted(glob.glob(os.path.join(folder, pattern, "embeddings", "v*.pt")))
         if paths:
             paths = [p for p in paths if os.path.dirname(p) == os.path.dirname(paths[0])]
             picks = sorted({0, len(paths) // 2, len(paths) - 1})
-            return [torch.load(paths[i], weights_only=False) for i in picks]
+            return [{**torch.load(paths[i], weights_only=False), "run": os.path.relpath(os.path.dirname(
+                os.path.dirname(paths[i])), folder)} for i in picks]
     return []
 
 
@@ -1676,19 +1897,21 @@ def plot_folder(folder: str) -> list[str]:
             ax.scatter(xy[:, 0], xy[:, 1], c=sample["labels"], cmap="tab10", s=8)
             ax.set(title=f"index v{sample['version']}, embedding iteration {sample['iteration']}", xticks=[],
                    yticks=[])
-        fig.suptitle("Test images in the embedding, coloured by class; PCA to 2-D (paper Fig. 2 used t-SNE)")
+        fig.suptitle(f"Test images in the embedding of {samples[0]['run']}, coloured by class; PCA to 2-D (paper "
+                     f"Fig. 2 used t-SNE)")
         written.append(os.path.join(folder, "embedding.png"))
         fig.savefig(written[1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     return written
 
 
-# ---- 13. CLI and main ------------------------------------------------------------------------------------
+# ---- 14. CLI and main ------------------------------------------------------------------------------------
 CHOICES = {"dataset": DATASETS, "sampler": ("spladvise", "spld", "spl", "random", "infobatch"),
-           "preset": ("auto", "paper", "cpu"), "embed_mode": ("process", "inline"), "pace": ("quantile", "absolute", "rank"),
-           "student": NETS, "embed_net": NETS}
+           "preset": ("auto", "paper", "cpu"), "embed_mode": ("process", "inline"),
+           "pace": ("quantile", "absolute", "rank"),
+           "student": NETS, "embed_net": NETS, "embed_loss": ("magnet", "osm_caa", "triplet_global", "dml_crc")}
 RUNTIME_FIELDS = {"resume", "max_minutes", "gpu", "embed_gpu", "out", "data_dir", "download", "compile", "runs",
-                  "bench", "bench_jobs", "plot"}  # may change on --resume; every other field must match the checkpoint's
+                  "bench", "bench_jobs", "plot"}  # may change on --resume; the other fields must match the checkpoint's
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -1764,6 +1987,10 @@ def resolve_config(cfg: Config) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
     if not 0 <= cfg.anneal <= 1:
         raise ConfigError(f"--anneal must be in [0, 1] (a share of the epochs), got {cfg.anneal}")
+    if cfg.embed_loss != "magnet" and cfg.d < 2:
+        raise ConfigError(f"--d {cfg.d}: --embed-loss {cfg.embed_loss} needs >= 2 examples of a class per batch")
+    if not 0 < cfg.triplet_target < 1:
+        raise ConfigError(f"--triplet-target must be in (0, 1), got {cfg.triplet_target}")
     if cfg.m < 2:
         raise ConfigError(f"--m {cfg.m}: a magnet batch needs at least 2 clusters (a seed and an impostor)")
     try:
