@@ -38,6 +38,7 @@ Deviations (each tagged `# DEVIATION:` where it is implemented):
     - Pace: λ ← (1+β1)λ, γ ← (1+β2)γ (step 16 as printed would shrink λ); λ_t, γ_t set from loss quantiles.
     - Training budget and LR milestones count mini-batch updates, so every sampler gets equal updates.
     - --pace rank (the authors' count pace, NOTES §8): λ becomes one threshold per cluster.
+    - --embed-loss triplet_global mines by exact nearest-neighbour search (Smart Mining used FANNG, approximate).
 Not implemented: the pre-activation ResNet-18 of the authors' code (the paper names ResNet-18; we use the
 standard CIFAR form); multi-GPU training; reading SVHN's .mat files without scipy (torchvision's reader needs it);
 scoring from the last pass's training losses (the exact scoring pass is cheap once it runs channels_last).
@@ -715,6 +716,7 @@ def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor
     n_neighbours nearest same-class examples (itself excluded). Chunks of anchors against the whole set, never an
     (N, N) matrix. emb (N, d), labels (N,), anchors (A,) indices -> positives (A,), negatives (A,) indices."""
     positives, negatives = [], []
+    # DEVIATION: exact search, not FANNG's approximate one: exact is simpler and cheap at these sizes (NOTES §6)
     for a in anchors.split(chunk):  # (a,)
         dist = sq_dists(emb[a], emb)  # (a, N)
         same = labels[a][:, None] == labels[None, :]  # (a, N)
@@ -920,7 +922,8 @@ def new_embedding_state(cfg: Config, shape, n_classes: int, device) -> dict:
     head = nn.Linear(cfg.embed_dim, n_classes).to(device) if cfg.embed_loss == "osm_caa" else nn.Identity()
     return {"net": net, "head": head, "opt": torch.optim.Adam([*net.parameters(), *head.parameters()],
                                                               lr=cfg.embed_lr), "sampler": None,
-            "iteration": 0, "sigma2_sum": 0.0, "sigma2_count": 0, "version": 0, "margin": 0.2, "triplets": None,
+            "iteration": 0, "sigma2_sum": 0.0, "sigma2_count": 0, "version": 0, "triplets": None,
+            "margin": 0.2,  # UNSPECIFIED: Smart Mining's starting margin; its controller moves it
             "gen": torch.Generator().manual_seed(cfg.seed + 1)}
 
 
@@ -949,7 +952,7 @@ def embedding_refresh(state: dict, data: dict, cfg: Config) -> dict:
     device = next(state["net"].parameters()).device
     emb, test_emb = (forward_all(state["net"], data[x], data["mean"], data["std"], cfg.score_batch, device)
                      for x in ("x_train", "x_test"))  # (N, d), (N_test, d)
-    if cfg.embed_loss == "osm_caa":  # its distances are between normalised embeddings: cluster those
+    if cfg.embed_loss == "osm_caa":  # UNSPECIFIED: its distances are between normalised embeddings; cluster those
         emb, test_emb = F.normalize(emb, dim=1), F.normalize(test_emb, dim=1)
     gen = torch.Generator(device).manual_seed(cfg.seed + 1 + state["version"])
     assign, centroids, cluster_class = build_cluster_index(emb, data["y_train"], cfg.k, cfg.kmeans_iters, gen)
@@ -962,7 +965,7 @@ def embedding_refresh(state: dict, data: dict, cfg: Config) -> dict:
     if cfg.embed_loss == "triplet_global":
         mine_and_adapt(state, emb, data["y_train"], cfg)
     variance = (state["sigma2_sum"] / state["sigma2_count"] if state["sigma2_count"] else  # σ² of Eq. 1, or
-                (emb - centroids[assign]).pow(2).sum(1).mean().item())  # the index's own for the other losses
+                (emb - centroids[assign]).pow(2).sum(1).mean().item())  # UNSPECIFIED: the index's own (other losses)
     predicted = magnet_predict(test_emb, centroids, cluster_class, variance, min(cfg.neighbours, len(centroids)))
     n_classes = len(centroids) // cfg.k
     test_assign = kmeans_pp(test_emb, n_classes, cfg.kmeans_iters, gen)[1]  # (N_test,) class-agnostic
@@ -1057,7 +1060,7 @@ def embedding_batch_loss(state: dict, data: dict, cfg: Config, device):
         return loss, (idx, per_example, sigma2)
     if "by_class" not in state:
         state["by_class"] = [(y == c).nonzero().flatten().cpu() for c in range(int(y.max()) + 1)]
-    p = min(cfg.m, len(state["by_class"]))
+    p = min(cfg.m, len(state["by_class"]))  # UNSPECIFIED: P = M classes × K = D images, the magnet batch's size
     idx = class_balanced_batch(state["by_class"], p, cfg.magnet_batch // p, state["gen"]).to(device)  # (P*K,)
     if cfg.embed_loss == "triplet_global":
         positives, negatives = state["triplets"]
