@@ -180,7 +180,7 @@ PRESETS = {
                        milestones="0.7", embed_dim=32, train_size=20000, score_batch=256)
             for name in ("fashionmnist", "mnist", "svhn", "cifar10", "cifar100")},
 }
-BENCH_CPU = dict(train_size=5000, test_size=5000, epochs=10)  # ./run.sh bench on 2 cores: 64 minutes measured
+BENCH_CPU = dict(train_size=5000, test_size=5000, epochs=10)  # ./run.sh bench on 2 cores: about 2 hours
 
 
 # ---- 3. data ---------------------------------------------------------------------------------------------
@@ -710,7 +710,7 @@ def triplet_global_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: 
 
 
 def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor, n_neighbours: int,
-                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Smart Mining's whole-set mining by exact nearest-neighbour search (the paper's FANNG is approximate): for each
     anchor, the hard negative is the nearest other-class example; the hard positive the farthest among its
     n_neighbours nearest same-class examples (itself excluded). Chunks of anchors against the whole set, never an
