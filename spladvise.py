@@ -1759,18 +1759,14 @@ def embedding_quality(cfg: Config, folder: str) -> str:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     device = torch.device(cfg.gpu)
     data = prepare_data(cfg, device)
-    n, rows = len(data["y_train"]), ["| objective | iterations | soft-vote acc | Recall@1 | NMI | s / iteration |",
-                                     "|---|---|---|---|---|---|"]
+    rows = ["| objective | iterations | soft-vote acc | Recall@1 | NMI | s / iteration |", "|---|---|---|---|---|---|"]
     for loss in CHOICES["embed_loss"]:
         run = dataclasses.replace(cfg, embed_loss=loss, out=os.path.join(folder, loss))
         seed_everything(run.seed + 1, run.deterministic)
         state = new_embedding_state(run, tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1, device)
         t0 = time.time()
         index = embedding_refresh(state, data, run)  # the sampler's first index, Smart Mining's first triplets
-        while state["iteration"] < run.warmup_iterations(n):
-            embedding_train(state, data, run, next_refresh(state["iteration"], run.refresh_iterations(n),
-                                                           run.warmup_iterations(n)) - state["iteration"])
-            index = embedding_refresh(state, data, run)
+        index = embedding_catch_up(state, data, run) or index  # the warm-up, refreshed every R on the way
         rows.append(f"| {loss} | {state['iteration']} | {index['embed_acc']:.4f} | {index['embed_recall1']:.4f} | "
                     f"{index['embed_nmi']:.4f} | {(time.time() - t0) / state['iteration']:.3f} |")
         print(f"[bench] embedding {rows[-1]}", flush=True)

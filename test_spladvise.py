@@ -4,6 +4,7 @@
 Run: python -m pytest -q test_spladvise.py
 """
 import ast
+import dataclasses
 import gzip
 import inspect
 import itertools
@@ -982,6 +983,22 @@ def test_bench_tables_and_curves_show_what_infobatch_saved(tmp_path, capsys):
         return
     assert run_main(["--plot", "--gpu", "-1", "--out", str(tmp_path)], capsys)[0] == 0
     assert (tmp_path / "curves.png").stat().st_size > 10_000 and not (tmp_path / "embedding.png").exists()
+
+
+@needs_fmnist
+def test_bench_embedding_phase_trains_each_objective_through_the_warm_up_and_reuses_its_table(tmp_path):
+    """Bench phase 3: every --embed-loss is trained for the warm-up's iterations (refreshed every R on the way) and
+    judged on the test set; a second call with the same config reads the saved table instead of training."""
+    cfg = S.resolve_config(S.parse_args(TINY + ["--updates", "30", "--refresh", "5", "--embed-warmup", "0.5"]))
+    table = S.embedding_quality(cfg, str(tmp_path))
+    rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == list(S.CHOICES["embed_loss"])
+    warmup = cfg.warmup_iterations(600)  # ceil(0.5 · ceil(600 / 16)) = 19: refreshes at 5, 10, 15 and 19
+    assert warmup == 19 and all(int(r[1]) == warmup for r in rows)
+    assert all(0.1 < float(r[i]) <= 1 for r in rows for i in (2, 3)) and all(0 < float(r[4]) <= 1 for r in rows)
+    assert len(list((tmp_path / "magnet" / "embeddings").glob("v*.pt"))) == 5  # the first index and 4 refreshes
+    (tmp_path / "quality.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "table": "saved"}))
+    assert S.embedding_quality(cfg, str(tmp_path)) == "saved"
 
 
 # ---- reliability: every failure ends cleanly, loses nothing, says what happened --------------------------
