@@ -68,6 +68,7 @@ import traceback
 import typing
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ import torch.nn.functional as F
 class Config:
     # run
     dataset: str = "fashionmnist"  # fashionmnist | mnist | svhn | cifar10 | cifar100
-    sampler: str = "spladvise"  # spladvise | spld | spl | random (paper §4) | infobatch (NOTES §9)
+    sampler: str = "spladvise"  # spladvise | spld | spl | random (paper §4) | random-pace | infobatch (NOTES §9-10)
     preset: str = "auto"  # paper | cpu | auto (paper on CUDA, cpu otherwise); fills the fields left unset (None)
     seed: int = 0  # embedding process uses seed + 1
     runs: int = 1  # seeds seed .. seed+runs-1, each under OUT/seed-S, plus OUT/aggregate.json (--bench: 5)
@@ -94,13 +95,16 @@ class Config:
     max_minutes: float = 0.0  # wall-clock budget; 0 = none. Ends cleanly with a checkpoint
     deterministic: bool = False  # cuDNN deterministic kernels
     compile: bool = False  # torch.compile the student
-    bench: bool = False  # run the sampler comparison of section 12 instead of one training run
-    bench_jobs: int = 1  # benchmark runs at a time (one process each)
+    amp: str = "auto"  # bf16 autocast: on | off | auto (on for CUDA with native bf16, compute capability >= 8.0)
+    bench: bool = False  # run the benchmark of section 12 (regimes x rows x seeds) instead of one training run
+    regime: str = "all"  # --bench: all | clean | noisy | short (BENCH_REGIMES)
     plot: bool = False  # draw OUT/curves.png and OUT/embedding.png (paper Figs. 3, 2) after the run; needs matplotlib
     # data
     train_size: int | None = None  # class-balanced subset of the training set; 0 = all (cpu preset 20000)
     test_size: int | None = None  # class-balanced subset of the test set; 0 = all
     val_size: int = 0  # class-balanced validation split held out of the training set; replaces test when > 0
+    label_noise: float = 0.0  # share of training labels corrupted once, by a fixed generator (NOTES §10)
+    noise_kind: str = "symmetric"  # symmetric (one of the other classes) | pairflip (c -> c+1 mod C), Co-teaching
     augment: str | None = None  # e.g. "hflip,vflip,shift=2,rotate=10" or "none" (paper §4)
     # student (Alg. 2)
     student: str | None = None  # lenet | resnet18 | wrn-16-8 | wrn-28-10 | vgg16
@@ -119,7 +123,7 @@ class Config:
     embed_net: str | None = None  # lenet | vgg16 | resnet18 | wrn-16-8 | wrn-28-10
     embed_mode: str = "process"  # process (parallel child, Alg. 2 step 2) | inline (deterministic)
     embed_dim: int | None = None  # d, embedding width (64; cpu preset 32)
-    embed_lr: float = 1e-4  # Adam learning rate of the embedding net (paper §4)
+    embed_lr: float | None = None  # Adam learning rate of the embedding net (paper §4: 1e-4; cpu preset 1e-3)
     k: int = 8  # K, K-Means++ clusters per class
     m: int = 8  # M, clusters per magnet batch
     d: int = 8  # D, examples per cluster in a magnet batch (batch = M*D = 64)
@@ -127,14 +131,15 @@ class Config:
     embed_loss: str = "magnet"  # magnet (Eq. 1) | osm_caa | triplet_global | dml_crc (paper §5, NOTES §6)
     triplet_target: float = 0.5  # triplet_global: share of mined triplets with a non-zero hinge the margin tracks
     refresh: int = 0  # R, embedding iterations between index refreshes; 0 = one embedding epoch; -1 = frozen
-    embed_warmup: float = 5.0  # embedding epochs trained before the student's first selection (README "Results")
+    embed_warmup: float | None = None  # embedding epochs before the first selection (paper preset 5; cpu 3)
     kmeans_iters: int = 20  # Lloyd iterations per K-Means++ run
     neighbours: int = 8  # L, nearest cluster centres in the embedding's soft-vote classifier
     # pace (Alg. 2 step 16, NOTES §3)
     pace: str = "quantile"  # quantile | absolute | rank (the authors' count per cluster, NOTES §8)
     f0: float = 0.7  # first selected fraction by easiness alone; rank pace: K_0 / mean cluster size
+    f_max: float = 1.0  # cap on f_t (and K_t): under label noise 1 - rate, as Co-teaching (assumes the rate known)
     rho0: float = 0.5  # γ_0 / λ_0
-    beta1: float = 0.1  # λ pace: f_t = f0 (1+β1)^t (quantile) or λ_t = λ_0 (1+β1)^t (absolute)
+    beta1: float = 0.1  # λ pace: f_t = min(f_max, f0 (1+β1)^t) (quantile) or λ_t = λ_0 (1+β1)^t (absolute)
     beta2: float = 0.1  # γ pace: ρ_t = ρ0 (1+β2)^t
     # InfoBatch baseline (NOTES §9)
     prune_ratio: float = 0.5  # r, share of the below-mean-loss samples pruned each pass
@@ -148,6 +153,10 @@ class Config:
     @property
     def magnet_batch(self) -> int:
         return self.m * self.d
+
+    @property
+    def milestone_fractions(self) -> list[float]:
+        return [float(f) for f in self.milestones.replace("none", "").split(",") if f]
 
     def refresh_iterations(self, n_train: int) -> int:
         """R: embedding iterations between index refreshes (default one embedding epoch, NOTES §2); -1 = never
@@ -175,7 +184,8 @@ PRESETS = {
         "cifar100": dict(student="wrn-28-10", embed_net="vgg16", batch_size=128, lr=0.1, updates=78000,
                          augment="none", dropout=0.3, milestones="0.3,0.6,0.8", score_batch=1024),
     },
-    "cpu": {name: dict(student="lenet", embed_net="lenet", batch_size=128, lr=0.01, epochs=8, dropout=0.0,
+    "cpu": {name: dict(student="lenet", embed_net="lenet-16", embed_lr=1e-3, embed_warmup=4, batch_size=128,
+                       lr=0.01, epochs=8, dropout=0.0,
                        augment="shift=2" if name in ("mnist", "svhn") else "hflip,shift=2",  # digits never flip
                        milestones="0.7", embed_dim=32, train_size=20000, score_batch=256)
             for name in ("fashionmnist", "mnist", "svhn", "cifar10", "cifar100")},
@@ -324,6 +334,17 @@ def balanced_subset(labels: torch.Tensor, n: int, generator: torch.Generator) ->
     return torch.cat(picks).sort().values, balanced
 
 
+def noisy_labels(labels: torch.Tensor, rate: float, kind: str, n_classes: int,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Label noise as in Co-teaching (Han et al., NeurIPS 2018; NOTES §10): each label, with probability `rate`,
+    becomes one of the other C − 1 classes uniformly (symmetric) or class c + 1 mod C (pairflip).
+    labels (N,) in [0, C) -> noisy labels (N,)."""
+    flip = torch.rand(len(labels), generator=generator) < rate  # (N,)
+    shift = (torch.randint(1, n_classes, labels.shape, generator=generator) if kind == "symmetric"
+             else torch.ones_like(labels))  # (N,) in [1, C): a flipped label always changes
+    return torch.where(flip, (labels + shift) % n_classes, labels)  # (N,)
+
+
 def parse_augment(spec: str) -> dict:
     """"hflip,vflip,shift=2,rotate=10" -> {hflip, vflip, shift (pixels), rotate (degrees)}."""
     aug = {"hflip": False, "vflip": False, "shift": 0, "rotate": 0.0}
@@ -365,15 +386,16 @@ def to_input(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, aug: dict |
 # ---- 4. networks -----------------------------------------------------------------------------------------
 class LeNet(nn.Module):
     """conv5-32, pool, conv5-64, pool, FC-256, FC-out: the paper's FashionMNIST embedding net (§4), also a small
-    CPU student. UNSPECIFIED: the hidden FC width (256)."""
+    CPU student. UNSPECIFIED: the hidden FC width (256). `width` w scales it to conv5-w, conv5-2w, FC-8w (lenet-w;
+    the cpu preset's embedding is lenet-16, a quarter of the compute)."""
 
-    def __init__(self, in_channels: int, n_out: int, image_size: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, n_out: int, image_size: int, dropout: float = 0.0, width: int = 32):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * (image_size // 4) ** 2, 256), nn.ReLU(inplace=True),
-                                  nn.Dropout(dropout), nn.Linear(256, n_out))
+            nn.Conv2d(in_channels, width, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * (image_size // 4) ** 2, 8 * width),
+                                  nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(8 * width, n_out))
 
     def forward(self, x):
         return self.head(self.features(x))  # (B, n_out)
@@ -446,13 +468,13 @@ class ResNet(nn.Module):
         return self.head(x.mean((2, 3)))  # (B, n_out)
 
 
-NETS = ("lenet", "vgg16", "resnet18", "wrn-16-8", "wrn-28-10")
+NETS = ("lenet", "lenet-16", "vgg16", "resnet18", "wrn-16-8", "wrn-28-10")  # and lenet-W, wrn-D-W
 
 
 def make_net(name: str, in_channels: int, n_out: int, image_size: int, dropout: float = 0.0) -> nn.Module:
-    """A network by name: lenet, vgg16, resnet18 or wrn-DEPTH-WIDTH (depth = 6n + 4)."""
-    if name == "lenet":
-        return LeNet(in_channels, n_out, image_size, dropout)
+    """A network by name: lenet (= lenet-32), lenet-WIDTH, vgg16, resnet18 or wrn-DEPTH-WIDTH (depth = 6n + 4)."""
+    if name == "lenet" or name.startswith("lenet-"):
+        return LeNet(in_channels, n_out, image_size, dropout, int(name[6:] or 32))
     if name == "vgg16":
         return VGG16(in_channels, n_out, dropout)
     if name == "resnet18":
@@ -569,7 +591,8 @@ def magnet_loss(r: torch.Tensor, classes: torch.Tensor, clusters: torch.Tensor, 
         raise ValueError(f"magnet_loss needs r (B, d), classes (B,), clusters (B,); got {tuple(r.shape)}, "
                          f"{tuple(classes.shape)}, {tuple(clusters.shape)}")
     ids, m_of = torch.unique(clusters, return_inverse=True)  # (M,), (B,) batch cluster of each example
-    n_clusters, m_of = len(ids), m_of.to(r.device)
+    # non_blocking: a pageable host-to-device copy that does not wait for the queued forward (CUDA's async memcpy)
+    n_clusters, m_of = len(ids), m_of.to(r.device, non_blocking=True)
     counts = torch.bincount(m_of, minlength=n_clusters).to(r.dtype)  # (M,)
     mu = r.new_zeros(n_clusters, r.shape[1]).index_add(0, m_of, r) / counts[:, None]  # (M, d)
     mu_class = classes.new_zeros(n_clusters).scatter(0, m_of, classes)  # (M,)
@@ -710,12 +733,13 @@ def triplet_global_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: 
 
 
 def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor, n_neighbours: int,
-                  chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Smart Mining's whole-set mining by exact nearest-neighbour search (the paper's FANNG is approximate): for each
     anchor, the hard negative is the nearest other-class example; the hard positive the farthest among its
     n_neighbours nearest same-class examples (itself excluded). Chunks of anchors against the whole set, never an
-    (N, N) matrix. emb (N, d), labels (N,), anchors (A,) indices -> positives (A,), negatives (A,) indices."""
-    positives, negatives = [], []
+    (N, N) matrix; the default chunk keeps each (chunk, N) matrix at 2^24 floats (64 MB) whatever N. emb (N, d),
+    labels (N,), anchors (A,) indices -> positives (A,), negatives (A,) indices."""
+    positives, negatives, chunk = [], [], chunk or max(1, 2 ** 24 // len(emb))
     # DEVIATION: exact search, not FANNG's approximate one: exact is simpler and cheap at these sizes (NOTES §6)
     for a in anchors.split(chunk):  # (a,)
         dist = sq_dists(emb[a], emb)  # (a, N)
@@ -753,9 +777,10 @@ def dml_crc_loss(z: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0, tau:
     return F.cross_entropy(logits, labels)
 
 
-def recall_at_1(emb: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> float:
-    """Share of examples whose nearest other example (squared Euclidean) has their class. emb (N, d), labels (N,)."""
-    hits = 0
+def recall_at_1(emb: torch.Tensor, labels: torch.Tensor, chunk: int | None = None) -> float:
+    """Share of examples whose nearest other example (squared Euclidean) has their class, in (chunk, N) blocks of at
+    most 2^24 floats by default. emb (N, d), labels (N,)."""
+    hits, chunk = 0, chunk or max(1, 2 ** 24 // len(emb))
     for start in range(0, len(emb), chunk):
         dist = sq_dists(emb[start:start + chunk], emb)  # (c, N)
         rows = torch.arange(len(dist), device=emb.device)
@@ -814,16 +839,24 @@ def rank_quota(f: float, sizes: torch.Tensor) -> int:
     return math.ceil(f * int(nonempty.sum()) / len(nonempty))
 
 
+def pace_fraction(t: int, f0: float, beta1: float, f_max: float = 1.0) -> float:
+    """f_t = f0 (1+β1)^t, the share SPL iteration t keeps by easiness alone (Alg. 2 step 16; DEVIATION: grows by
+    (1+β1), step 16 as printed, λ ← β1 λ, would shrink it), capped at f_max < 1 (NOTES §10). Uncapped it may pass 1:
+    the rank pace's K_t = ⌈f_t · mean cluster size⌉ must outgrow the mean to reach the largest cluster."""
+    f = f0 * (1 + beta1) ** t
+    return min(f, f_max) if f_max < 1 else f
+
+
 def spld_pace(losses: torch.Tensor, t: int, mode: str, f0: float, rho0: float, beta1: float, beta2: float,
-              lam0: float = 0.0, gamma0: float = 0.0, groups: torch.Tensor | None = None):
+              lam0: float = 0.0, gamma0: float = 0.0, groups: torch.Tensor | None = None, f_max: float = 1.0):
     """λ_t, γ_t for SPL iteration t = 0, 1, ... (Alg. 2 step 16). The paper sets them "according to the ranked
     samples": UNSPECIFIED beyond that (NOTES §3). quantile: λ_t is the loss quantile that keeps
-    f_t = min(1, f0 (1+β1)^t) of the samples by easiness alone, γ_t = ρ0 (1+β2)^t λ_t. absolute: λ_0, γ_0 as
+    f_t = min(f_max, f0 (1+β1)^t) of the samples by easiness alone, γ_t = ρ0 (1+β2)^t λ_t. absolute: λ_0, γ_0 as
     quantile at t = 0, then λ_0 (1+β1)^t, γ_0 (1+β2)^t. rank (needs groups): one λ_k per group (G,), the loss
     that keeps the K_t = ⌈f_t · mean group size⌉ lowest of each group, γ_t as quantile."""
     if mode == "absolute" and t > 0:  # DEVIATION: grows by (1+β); step 16 as printed (λ ← β1 λ) would shrink it
         return lam0 * (1 + beta1) ** t, gamma0 * (1 + beta2) ** t
-    f, rho = f0 * (1 + beta1) ** t, rho0 * (1 + beta2) ** t
+    f, rho = pace_fraction(t, f0, beta1, f_max), rho0 * (1 + beta2) ** t
     quantile = torch.quantile(losses.double(), min(f, 1.0)).item()
     if mode == "rank":  # DEVIATION: λ per cluster, the authors' count pace (NOTES §8); Eq. 2 still decides
         order, rank, sizes = rank_in_group(losses, groups)  # (N,), (N,), (G,)
@@ -835,10 +868,11 @@ def spld_pace(losses: torch.Tensor, t: int, mode: str, f0: float, rho0: float, b
     return lam, rho * lam if rho > 0 else 0.0
 
 
-def pace_keeps_all(t: int, mode: str, f0: float, beta1: float, sizes: torch.Tensor | None = None) -> bool:
+def pace_keeps_all(t: int, mode: str, f0: float, beta1: float, sizes: torch.Tensor | None = None,
+                   f_max: float = 1.0) -> bool:
     """True when SPL iteration t (and so every later one) keeps every sample whatever the losses: quantile pace
     once f_t ≥ 1, rank pace once K_t ≥ the largest group (sizes (G,)); never for the absolute pace."""
-    f = f0 * (1 + beta1) ** t
+    f = pace_fraction(t, f0, beta1, f_max)
     if mode == "quantile":
         return f >= 1
     return mode == "rank" and sizes is not None and rank_quota(f, sizes) >= int(sizes.max())
@@ -879,9 +913,35 @@ def seed_everything(seed: int, deterministic: bool = False):
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context on CPU."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+# Where CUDA differs from the CPU: these helpers, and nothing else (NOTES §11). CUDA tensors shared with the child
+# (section 10) are the one other difference.
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast (--amp) for the device's type; on the CPU it walks the same autocast paths as on CUDA."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=enabled)
+
+
+def sync(device: torch.device):
+    """Wait for the kernels queued on a CUDA device, so that a phase's time is its own (nothing to do on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({len(os.sched_getaffinity(0))} cores)"
+
+
+def rng_states(device: torch.device) -> dict:
+    """Every generator the student draws from, as CPU tensors: a checkpoint loads on any device."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_states(states: dict, device: torch.device):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"].cpu())
+    if device.type == "cuda" and states["cuda"] is not None:  # a run saved on the CPU keeps CUDA's fresh stream
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
 def build_net(name, shape, n_out, dropout, device) -> nn.Module:
@@ -891,25 +951,27 @@ def build_net(name, shape, n_out, dropout, device) -> nn.Module:
 
 
 @torch.inference_mode()
-def forward_all(net, x, mean, std, batch, device) -> torch.Tensor:
+def forward_all(net, x, mean, std, batch: int, amp: bool = False) -> torch.Tensor:
     """Outputs of `net` over uint8 images x (N, C, H, W), eval mode, no augmentation -> (N, n_out) float32."""
     was_training = net.training
     net.eval()
     outs = []
     for i in range(0, len(x), batch):
-        with autocast(device):
-            outs.append(net(to_input(x[i:i + batch], mean, std)).float())
+        inputs = to_input(x[i:i + batch], mean, std)  # (b, C, H, W) float32
+        with autocast(x.device, amp):
+            outs.append(net(inputs).float())
     net.train(was_training)
     return torch.cat(outs)  # (N, n_out)
 
 
-def score_samples(net, x, y, mean, std, batch, device) -> torch.Tensor:
-    """Alg. 2 steps 5-6: the student's cross-entropy L_i of every sample -> (N,)."""
-    return F.cross_entropy(forward_all(net, x, mean, std, batch, device), y, reduction="none")  # (N,)
+def score_samples(net, x, y, mean, std, batch) -> torch.Tensor:
+    """Alg. 2 steps 5-6: the student's cross-entropy L_i of every sample -> (N,). Always float32, whatever --amp:
+    Eq. 2 ranks these losses, and bf16 logits tie (ties then break by index and shift the ranks)."""
+    return F.cross_entropy(forward_all(net, x, mean, std, batch), y, reduction="none")  # (N,)
 
 
-def accuracy(net, x, y, mean, std, batch, device) -> float:
-    return (forward_all(net, x, mean, std, batch, device).argmax(1) == y).float().mean().item()
+def accuracy(net, x, y, mean, std, batch, amp: bool = False) -> float:
+    return (forward_all(net, x, mean, std, batch, amp).argmax(1) == y).float().mean().item()
 
 
 def new_embedding_state(cfg: Config, shape, n_classes: int, device) -> dict:
@@ -938,6 +1000,7 @@ def embedding_state_dict(state: dict) -> dict:
 
 
 def load_embedding_state(state: dict, saved: dict):
+    """Restore from a state loaded to the CPU (map_location="cpu"): the modules and Adam copy to their device."""
     for key in ("net", "head", "opt"):
         state[key].load_state_dict(saved[key])
     state["gen"].set_state(saved["gen"])
@@ -945,16 +1008,19 @@ def load_embedding_state(state: dict, saved: dict):
     state["saved_losses"] = (saved["example_loss"], saved["seen"])
 
 
-def embedding_refresh(state: dict, data: dict, cfg: Config) -> dict:
+QUALITY = ("embed_acc", "embed_recall1", "embed_nmi")  # how an index's embedding is judged on the test set
+
+
+def embedding_refresh(state: dict, data: dict, cfg: Config, judge: bool = True) -> dict:
     """Alg. 1 step 2: embed the whole training set, per-class K-Means++, reindex the sampler (Smart Mining: mine
-    the triplets, move the margin); judge the embedding on the test set by soft-vote accuracy, Recall@1 and the NMI
-    of K-Means (k = C). -> the index {assign, centroids, cluster_class, embed_acc, embed_recall1, embed_nmi, ...}."""
-    device = next(state["net"].parameters()).device
-    emb, test_emb = (forward_all(state["net"], data[x], data["mean"], data["std"], cfg.score_batch, device)
-                     for x in ("x_train", "x_test"))  # (N, d), (N_test, d)
+    the triplets, move the margin). judge: also rate the embedding on the test set (None otherwise: the warm-up's
+    own refreshes, which no curriculum uses). -> the index {assign, centroids, cluster_class, version, iteration,
+    embed_acc, embed_recall1, embed_nmi}."""
+    emb = forward_all(state["net"], data["x_train"], data["mean"], data["std"], cfg.score_batch,
+                      cfg.amp == "on")  # (N, d)
     if cfg.embed_loss == "osm_caa":  # UNSPECIFIED: its distances are between normalised embeddings; cluster those
-        emb, test_emb = F.normalize(emb, dim=1), F.normalize(test_emb, dim=1)
-    gen = torch.Generator(device).manual_seed(cfg.seed + 1 + state["version"])
+        emb = F.normalize(emb, dim=1)
+    gen = torch.Generator(emb.device).manual_seed(cfg.seed + 1 + state["version"])
     assign, centroids, cluster_class = build_cluster_index(emb, data["y_train"], cfg.k, cfg.kmeans_iters, gen)
     if cfg.embed_loss == "magnet":
         if state["sampler"] is None:
@@ -964,17 +1030,28 @@ def embedding_refresh(state: dict, data: dict, cfg: Config) -> dict:
         state["sampler"].reindex(assign, centroids, cluster_class)
     if cfg.embed_loss == "triplet_global":
         mine_and_adapt(state, emb, data["y_train"], cfg)
-    variance = (state["sigma2_sum"] / state["sigma2_count"] if state["sigma2_count"] else  # σ² of Eq. 1, or
-                (emb - centroids[assign]).pow(2).sum(1).mean().item())  # UNSPECIFIED: the index's own (other losses)
-    predicted = magnet_predict(test_emb, centroids, cluster_class, variance, min(cfg.neighbours, len(centroids)))
-    n_classes = len(centroids) // cfg.k
-    test_assign = kmeans_pp(test_emb, n_classes, cfg.kmeans_iters, gen)[1]  # (N_test,) class-agnostic
     state["version"] += 1
+    index = {"assign": assign, "centroids": centroids, "cluster_class": cluster_class, "version": state["version"],
+             "iteration": state["iteration"], **dict.fromkeys(QUALITY)}
+    if judge:
+        variance = (state["sigma2_sum"] / state["sigma2_count"] if state["sigma2_count"] else  # σ̄² of Eq. 1, or
+                    (emb - centroids[assign]).pow(2).sum(1).mean().item())  # UNSPECIFIED: the index's own
+        index.update(judge_embedding(state, data, cfg, centroids, cluster_class, variance, gen))
+    return index
+
+
+def judge_embedding(state: dict, data: dict, cfg: Config, centroids, cluster_class, variance: float, gen) -> dict:
+    """The index's embedding on the test set: Magnet soft-vote accuracy (NOTES §2), Recall@1 and the NMI of
+    class-agnostic K-Means (k = C); saves Fig. 2's snapshot."""
+    test_emb = forward_all(state["net"], data["x_test"], data["mean"], data["std"], cfg.score_batch,
+                           cfg.amp == "on")  # (N_test, d)
+    if cfg.embed_loss == "osm_caa":
+        test_emb = F.normalize(test_emb, dim=1)
+    predicted = magnet_predict(test_emb, centroids, cluster_class, variance, min(cfg.neighbours, len(centroids)))
+    test_assign = kmeans_pp(test_emb, len(centroids) // cfg.k, cfg.kmeans_iters, gen)[1]  # (N_test,)
     save_figure_sample(cfg.run_dir, state["version"], state["iteration"], test_emb, data["y_test"])
-    return {"assign": assign, "centroids": centroids, "cluster_class": cluster_class,
-            "embed_acc": (predicted == data["y_test"]).float().mean().item(), "version": state["version"],
-            "iteration": state["iteration"], "embed_recall1": recall_at_1(test_emb, data["y_test"]),
-            "embed_nmi": nmi(test_assign, data["y_test"])}
+    return {"embed_acc": (predicted == data["y_test"]).float().mean().item(),
+            "embed_recall1": recall_at_1(test_emb, data["y_test"]), "embed_nmi": nmi(test_assign, data["y_test"])}
 
 
 def mine_and_adapt(state: dict, emb: torch.Tensor, labels: torch.Tensor, cfg: Config):
@@ -990,7 +1067,7 @@ def mine_and_adapt(state: dict, emb: torch.Tensor, labels: torch.Tensor, cfg: Co
 
 
 def save_figure_sample(folder: str, version: int, iteration: int, test_emb, y_test, per_class: int = 50):
-    """Fig. 2's input, C · per_class · d floats per index version: the embedding of the first `per_class` test
+    """Fig. 2's input, C · per_class · d floats per judged index: the embedding of the first `per_class` test
     images of each class -> OUT/embeddings/v{version}.pt, which --plot projects."""
     order, rank, _ = rank_in_group(torch.arange(len(y_test), dtype=torch.float64, device=y_test.device), y_test)
     idx = order[rank <= per_class]  # (S,) class-balanced, the same images at every version
@@ -1011,22 +1088,21 @@ def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
 
 
 def embedding_catch_up(state: dict, data: dict, cfg: Config) -> dict | None:
-    """Inline mode, before a selection: the same schedule as the child, run in this process. Train to the end
-    of the warm-up (refreshing every R on the way), or one more refresh interval after it. -> newest index, or
-    None when frozen (nothing to refresh)."""
+    """Inline mode, before a selection: the child's schedule, run in this process. Train to the end of the warm-up
+    (refreshing every R on the way), or one more refresh interval after it. -> newest index, or None when frozen."""
     n = len(data["y_train"])
     every, warmup = cfg.refresh_iterations(n), cfg.warmup_iterations(n)
     target = warmup if state["iteration"] < warmup else next_refresh(state["iteration"], every, warmup)
     index = None
     while target is not None and state["iteration"] < target:
         embedding_train(state, data, cfg, next_refresh(state["iteration"], every, warmup) - state["iteration"])
-        index = embedding_refresh(state, data, cfg)  # Alg. 1 step 2
+        index = embedding_refresh(state, data, cfg, judge=state["iteration"] >= target)  # Alg. 1 step 2
     return index
 
 
 def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_going=lambda: True):
     """Alg. 1 steps 3-7 for n_iters iterations: a batch, its loss, an Adam step; the Magnet Loss also records the
-    per-example losses for the next seed draws."""
+    per-example losses for the next seed draws. One device sync per iteration."""
     device = next(state["net"].parameters()).device
     for _ in range(n_iters):
         if not keep_going():
@@ -1036,13 +1112,14 @@ def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_goi
         loss.backward()
         state["opt"].step()
         state["iteration"] += 1
-        sigma2 = magnet[2].detach() if magnet else loss.detach()
-        loss_value, sigma2_value = torch.stack([loss.detach(), sigma2]).tolist()  # one device sync
-        if not math.isfinite(loss_value):
+        values = loss.detach()[None] if not magnet else torch.cat([loss.detach()[None], magnet[2].detach()[None],
+                                                                     magnet[1].detach()])  # loss, σ², ℓ_b
+        values = values.double().cpu()  # (1,) or (2 + M*D,): the one sync
+        if not math.isfinite(values[0]):
             raise NonFiniteLoss("embedding", state["iteration"])
         if magnet:
-            state["sampler"].record(magnet[0], magnet[1])
-            state["sigma2_sum"] += sigma2_value  # σ̄², the running mean of σ² used by magnet_predict
+            state["sampler"].record(magnet[0], values[2:])
+            state["sigma2_sum"] += float(values[1])  # σ̄², the running mean of σ² used by magnet_predict
             state["sigma2_count"] += 1
 
 
@@ -1050,13 +1127,15 @@ def embedding_batch_loss(state: dict, data: dict, cfg: Config, device):
     """One batch of the embedding objective: Alg. 1 steps 3-5 for the Magnet Loss, a class-balanced P × K batch
     (P·K = M·D) for the others. -> (loss, (idx, per-example losses, σ²) for the Magnet Loss, else None)."""
     x, y = data["x_train"], data["y_train"]
-    # UNSPECIFIED: the embedding net sees no augmentation, as the index it is clustered for does not
-    embed = lambda idx: state["net"](to_input(x[idx], data["mean"], data["std"])).float()  # (B, d)
+
+    def embed(idx):  # UNSPECIFIED: no augmentation, as the index it is clustered for sees none
+        inputs = to_input(x[idx], data["mean"], data["std"])  # (B, C, H, W) float32, outside autocast
+        with autocast(device, cfg.amp == "on"):
+            return state["net"](inputs).float()  # (B, d)
     if cfg.embed_loss == "magnet":
-        idx, clusters = state["sampler"].sample(cfg.m, cfg.d, state["gen"])  # (M*D,), (M*D,)
-        with autocast(device):
-            r = embed(idx.to(device))  # (M*D, d)
-        loss, per_example, sigma2 = magnet_loss(r, y[idx.to(device)], clusters, cfg.alpha)
+        idx, clusters = state["sampler"].sample(cfg.m, cfg.d, state["gen"])  # (M*D,), (M*D,) on the CPU
+        idx_dev = idx.to(device, non_blocking=True)  # queued before the forward: no wait
+        loss, per_example, sigma2 = magnet_loss(embed(idx_dev), y[idx_dev], clusters, cfg.alpha)
         return loss, (idx, per_example, sigma2)
     if "by_class" not in state:
         state["by_class"] = [(y == c).nonzero().flatten().cpu() for c in range(int(y.max()) + 1)]
@@ -1064,45 +1143,45 @@ def embedding_batch_loss(state: dict, data: dict, cfg: Config, device):
     idx = class_balanced_batch(state["by_class"], p, cfg.magnet_batch // p, state["gen"]).to(device)  # (P*K,)
     if cfg.embed_loss == "triplet_global":
         positives, negatives = state["triplets"]
-        with autocast(device):
-            anchor, positive, negative = embed(torch.cat([idx, positives[idx], negatives[idx]])).chunk(3)
+        anchor, positive, negative = embed(torch.cat([idx, positives[idx], negatives[idx]])).chunk(3)
         return triplet_global_loss(anchor, positive, negative, state["margin"]), None
-    with autocast(device):
-        r = embed(idx)  # (P*K, d)
+    r = embed(idx)  # (P*K, d)
     if cfg.embed_loss == "dml_crc":
         return dml_crc_loss(r, y[idx]), None
     logits = state["head"](F.normalize(r, dim=1))  # (P*K, C) the class-aware attention's classifier
     return osm_caa_loss(r, y[idx], logits) + F.cross_entropy(logits, y[idx]), None
 
 
-def student_pass(net, opt, sched, idx_pass, data, aug, batch, budget, updates, device, stop, weights=None,
-                 scores=None):
-    """Alg. 2 steps 3-4: one shuffled pass of mini-batch SGD over idx_pass, stopping at the update budget or when
-    stop() says so. InfoBatch: each sample's loss times weights (N,), and its loss written to scores (N,).
-    -> (updates done, mean training loss). The losses stay on the device until the pass ends."""
+def student_pass(net, opt, idx_pass, lrs: list, data, aug, batch: int, amp: bool, stop, first_update: int,
+                 weights=None, scores=None):
+    """Alg. 2 steps 3-4: mini-batch SGD over idx_pass (P,) in its order, lrs[u] the learning rate of the pass's u-th
+    update (their number caps the pass), ending early when stop() says so. InfoBatch: each sample's loss times
+    weights (N,), and its loss written to scores (N,). -> (updates done, mean training loss)."""
     net.train()
-    losses = []
-    for i in range(0, len(idx_pass), batch):
-        if updates + len(losses) >= budget or stop():
+    losses = []  # stay on the device until the pass ends
+    for i in range(0, min(len(idx_pass), len(lrs) * batch), batch):
+        if stop():
             break
         idx = idx_pass[i:i + batch]
-        with autocast(device):
-            per_sample = F.cross_entropy(net(to_input(data["x_train"][idx], data["mean"], data["std"], aug)),
-                                         data["y_train"][idx], reduction="none")  # (B,)
+        inputs = to_input(data["x_train"][idx], data["mean"], data["std"], aug)  # float32: its grid too
+        with autocast(idx.device, amp):
+            logits = net(inputs)  # (B, C)
+        per_sample = F.cross_entropy(logits.float(), data["y_train"][idx], reduction="none")  # (B,)
         loss = (per_sample * weights[idx]).mean() if weights is not None else per_sample.mean()
         if scores is not None:
-            scores[idx] = per_sample.detach().float()  # InfoBatch's score: no extra forward pass
+            scores[idx] = per_sample.detach()  # InfoBatch's score: no extra forward pass
+        for group in opt.param_groups:
+            group["lr"] = lrs[len(losses)]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         losses.append(loss.detach())
     if not losses:
         return 0, math.nan
     losses = torch.stack(losses)  # (U,)
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
-        raise NonFiniteLoss("student", updates + int(bad[0]) + 1)
+        raise NonFiniteLoss("student", first_update + int(bad[0]) + 1)
     return len(losses), losses.mean().item()
 
 
@@ -1115,19 +1194,19 @@ def student_pass(net, opt, sched, idx_pass, data, aug, batch, budget, updates, d
 #   assign          (N,)        int64    child      student    cluster id of every training sample
 #   centroids       (C*K, d)    float32  child      student    cluster centres
 #   cluster_class   (C*K,)      int64    child      student    class of each cluster
-#   status          (5,)        float64  child      student    STATUS: version, embed_acc, iteration, ...; CPU
+#   status          (6,)        float64  child      student    STATUS: version, iteration, quality, CPU s; CPU
 class EmbeddingFailed(Exception):
     """The embedding process died; the message holds its exception text or exit signal."""
 
 
-STATUS = ("version", "embed_acc", "iteration", "embed_recall1", "embed_nmi")  # the index's scalars, in order
+STATUS = ("version", "iteration", *QUALITY, "cpu_s")  # the index's scalars (NaN: not judged), the child's CPU time
 
 
 def make_shared_index(n: int, n_clusters: int, dim: int, device: torch.device) -> dict:
     index = {"assign": torch.zeros(n, dtype=torch.int64, device=device),
              "centroids": torch.zeros(n_clusters, dim, device=device),
              "cluster_class": torch.zeros(n_clusters, dtype=torch.int64, device=device),
-             "status": torch.zeros(5, dtype=torch.float64)}
+             "status": torch.zeros(len(STATUS), dtype=torch.float64)}
     return {k: v.share_memory_() if v.device.type == "cpu" else v for k, v in index.items()}
 
 
@@ -1135,9 +1214,9 @@ def publish(shared: dict, lock, index: dict):
     with lock:
         for key in ("assign", "centroids", "cluster_class"):
             shared[key].copy_(index[key])
-        if shared["assign"].is_cuda:
-            torch.cuda.synchronize(shared["assign"].device)
-        shared["status"].copy_(torch.tensor([index[k] for k in STATUS], dtype=torch.float64))
+        sync(shared["assign"].device)  # the copies land before the version says they have
+        shared["status"].copy_(torch.tensor([math.nan if index.get(k) is None else index[k] for k in STATUS[:-1]]
+                                            + [time.process_time()], dtype=torch.float64))
 
 
 def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, errors, state_path: str, resume: bool,
@@ -1149,14 +1228,15 @@ def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, error
         cfg = Config(**cfg_dict)
         torch.set_num_threads(n_threads)
         seed_everything(cfg.seed + 1, cfg.deterministic)
+        n = len(data["y_train"])
         state = new_embedding_state(cfg, data["x_train"].shape[1:], int(data["y_train"].max()) + 1,
                                     data["x_train"].device)
         if resume and os.path.exists(state_path):
-            load_embedding_state(state, torch.load(state_path, weights_only=False))
+            load_embedding_state(state, torch.load(state_path, weights_only=False, map_location="cpu"))
         parent = mp.parent_process()
         keep_going = lambda: not stop.is_set() and parent.is_alive()  # exits on its own if the parent is killed
-        every, warmup = cfg.refresh_iterations(len(data["y_train"])), cfg.warmup_iterations(len(data["y_train"]))
-        index = embedding_refresh(state, data, cfg)
+        every, warmup = cfg.refresh_iterations(n), cfg.warmup_iterations(n)
+        index = embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
         while keep_going():
             publish(shared, lock, index)
             save_atomic(embedding_state_dict(state), state_path)
@@ -1165,8 +1245,9 @@ def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, error
                 time.sleep(0.1)
             if target is not None:
                 embedding_train(state, data, cfg, target - state["iteration"], keep_going)
-            if keep_going():
-                index = embedding_refresh(state, data, cfg)  # Alg. 1 step 2, every R iterations
+            if keep_going():  # Alg. 1 step 2, every R iterations; judged once a curriculum may use it
+                index = embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
+        shared["status"][-1] = time.process_time()  # its CPU seconds, read once it has stopped
     except BaseException as e:
         text = f"{type(e).__name__}: {e}"
         sys.stderr.write(f"[embedding] failed:\n{traceback.format_exc()}")
@@ -1186,7 +1267,8 @@ def start_embedding_process(cfg: Config, data: dict, n_clusters: int, state_path
                        args=(dataclasses.asdict(cfg), data, shared, lock, stop, errors, state_path, cfg.resume,
                              n_threads))
     proc.start()
-    return {"proc": proc, "shared": shared, "lock": lock, "stop": stop, "errors": errors, "data": data}
+    return {"proc": proc, "shared": shared, "lock": lock, "stop": stop, "errors": errors, "data": data,
+            "checked": time.time(), "failure": None}
 
 
 def check_embedding_process(handle: dict):
@@ -1200,38 +1282,31 @@ def check_embedding_process(handle: dict):
         code = proc.exitcode
         cause = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
                  else f"exited with code {code}")
+        if handle["shared"]["status"][0] < 1:  # before its first line ran, e.g. unpickling its CUDA tensors
+            cause += (" before it published anything (likely: a GPU in exclusive-process mode, which admits one "
+                      "process; run with --embed-mode inline)")
     raise EmbeddingFailed(f"embedding process (pid {proc.pid}) died: {cause}")
 
 
-def read_index(handle: dict, min_iteration: int, stop) -> dict | None:
-    """Wait (checking the child and stop()) until an index computed after >= min_iteration embedding iterations is
-    published, then copy it under the lock. Never blocks for ever: a child that dies holding the lock is noticed.
-    None if stopped."""
+def latest_index(handle: dict, min_iteration: int, known: dict | None) -> dict | None:
+    """Alg. 2 step 2 without waiting: the newest index published from >= min_iteration embedding iterations on,
+    copied under the lock; `known` while there is none newer. Waits at most the lock's 1 s."""
+    check_embedding_process(handle)
     shared, lock = handle["shared"], handle["lock"]
-    while True:
-        check_embedding_process(handle)
-        if stop():
-            return None
-        if shared["status"][0] >= 1 and shared["status"][2] >= min_iteration and lock.acquire(timeout=1.0):
-            try:
-                index = {k: v.clone() for k, v in shared.items()}
-            finally:
-                lock.release()
-            status = dict(zip(STATUS, index.pop("status").tolist()))
-            return {**index, **status, "version": int(status["version"]), "iteration": int(status["iteration"])}
-        time.sleep(0.05)
+    version, iteration = shared["status"][:2].tolist()
+    if version < 1 or iteration < min_iteration or (known and known["version"] == version) \
+            or not lock.acquire(timeout=1.0):
+        return known
+    try:
+        index = {k: v.clone() for k, v in shared.items()}
+    finally:
+        lock.release()
+    status = {k: None if math.isnan(v) else v for k, v in zip(STATUS, index.pop("status").tolist())}
+    return {**index, **status, "version": int(status["version"]), "iteration": int(status["iteration"])}
 
 
-def retire_embedding_process(handle: dict, cores: int, st: dict, why: str) -> None:
-    """Stop the child for good once no later pass needs a new index, and give its cores to the student."""
-    stop_embedding_process(handle)
-    torch.set_num_threads(cores)
-    print(f"[embedding] stopped before pass {st['passes'] + 1} (update {st['updates']}): {why}; the student now "
-          f"uses {cores} threads", flush=True)
-
-
-def stop_embedding_process(handle: dict):
-    """Ask the child to stop; terminate, then kill it if it does not within a few seconds."""
+def stop_embedding_process(handle: dict) -> float:
+    """Ask the child to stop; terminate, then kill it if it does not within a few seconds. -> its CPU seconds."""
     proc = handle["proc"]
     handle["stop"].set()
     proc.join(5)
@@ -1241,6 +1316,7 @@ def stop_embedding_process(handle: dict):
     if proc.is_alive():
         proc.kill()
         proc.join()
+    return handle["shared"]["status"][-1].item()
 
 
 # ---- 11. student loop (Alg. 2) ---------------------------------------------------------------------------
@@ -1260,13 +1336,6 @@ def save_atomic(obj, path: str):
     os.replace(tmp, path)
 
 
-def append_jsonl(path: str, record: dict):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def read_jsonl(path: str, max_updates: float = math.inf) -> list[dict]:
     """The complete records of a metrics file up to max_updates: a torn last line (a kill mid-write) and lines
     written after the last checkpoint are dropped."""
@@ -1283,23 +1352,11 @@ def read_jsonl(path: str, max_updates: float = math.inf) -> list[dict]:
     return records
 
 
-def rng_states(device: torch.device) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_states(states: dict, device: torch.device):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if device.type == "cuda" and states["cuda"] is not None:
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
 def prepare_data(cfg: Config, device: torch.device) -> dict:
-    """Load once, take the class-balanced subsets (the same for every seed and sampler), hold a validation split
-    out of the training set when asked, move uint8 images to the device. -> {x_train, y_train, x_test, y_test,
-    mean, std}; x_test is the validation split when val_size > 0."""
+    """Load once, corrupt the training labels (--label-noise, a fixed generator: the same labels for every seed
+    and sampler), take the class-balanced subsets, hold a validation split out of the training set when asked, move
+    uint8 images to the device. -> {x_train, y_train, y_clean, x_test, y_test, mean, std}; x_test is the validation
+    split (noisy labels, as a user's would be) when val_size > 0."""
     raw = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
     gen = torch.Generator().manual_seed(0)
     x, y, x_test, y_test = raw["x_train"], raw["y_train"], raw["x_test"], raw["y_test"]
@@ -1307,6 +1364,8 @@ def prepare_data(cfg: Config, device: torch.device) -> dict:
                              ("train_size", cfg.train_size, len(y) - cfg.val_size)):
         if size > pool:
             raise ConfigError(f"--{name.replace('_', '-')} {size} is larger than the {pool} samples available")
+    y_clean, y = y, noisy_labels(y, cfg.label_noise, cfg.noise_kind, int(y.max()) + 1,
+                                 torch.Generator().manual_seed(12345))
     def subset(labels, n, name):
         keep, balanced = balanced_subset(labels, n, gen)
         if not balanced:
@@ -1314,18 +1373,19 @@ def prepare_data(cfg: Config, device: torch.device) -> dict:
                   f"one (shares ∝ class sizes)", flush=True)
         return keep
     if cfg.val_size:
-        val = subset(y, cfg.val_size, "val-size")
+        val = subset(y_clean, cfg.val_size, "val-size")
         rest = torch.ones(len(y), dtype=torch.bool)
         rest[val] = False
-        x_test, y_test, x, y = x[val], y[val], x[rest], y[rest]
+        x_test, y_test, x, y, y_clean = x[val], y[val], x[rest], y[rest], y_clean[rest]
     elif cfg.test_size:
         keep = subset(y_test, cfg.test_size, "test-size")
         x_test, y_test = x_test[keep], y_test[keep]
     if cfg.train_size:
-        keep = subset(y, cfg.train_size, "train-size")
-        x, y = x[keep], y[keep]
+        keep = subset(y_clean, cfg.train_size, "train-size")  # the same images whatever the noise
+        x, y, y_clean = x[keep], y[keep], y_clean[keep]
     mean, std = channel_stats(x)
-    data = {"x_train": x, "y_train": y, "x_test": x_test, "y_test": y_test, "mean": mean, "std": std}
+    data = {"x_train": x, "y_train": y, "y_clean": y_clean, "x_test": x_test, "y_test": y_test, "mean": mean,
+            "std": std}
     return {k: v.to(device) for k, v in data.items()}
 
 
@@ -1343,234 +1403,296 @@ def check_against_data(cfg: Config, data: dict):
                           f"({len(data['y_train'])}); lower it or raise --train-size")
 
 
-def fixed_pixel_clusters(data: dict, k: int, iters: int, seed: int) -> torch.Tensor:
-    """SPLD baseline's groups (NOTES §4). UNSPECIFIED: per-class K-Means++ on normalised raw pixels, computed
-    once. -> (N,)"""
-    pixels = to_input(data["x_train"], data["mean"], data["std"]).flatten(1)  # (N, C*H*W)
-    gen = torch.Generator(pixels.device).manual_seed(seed)
-    return build_cluster_index(pixels, data["y_train"], k, iters, gen)[0]
+def fixed_pixel_clusters(data: dict, k: int, iters: int, seed: int, max_bytes: int = 2 ** 28) -> torch.Tensor:
+    """SPLD baseline's groups (NOTES §4). UNSPECIFIED: per-class K-Means++ on normalised raw pixels, computed once;
+    where those would pass max_bytes as float32 (CIFAR, SVHN at full size), on a fixed Gaussian random projection
+    to the width that fits (distances kept within a few %, Johnson-Lindenstrauss), made in chunks. -> (N,)"""
+    x = data["x_train"]
+    n, dim = len(x), x[0].numel()
+    width = min(dim, max(16, max_bytes // (4 * n)))
+    proj = (torch.randn(dim, width, generator=torch.Generator().manual_seed(seed)).div_(math.sqrt(width))
+            .to(x.device) if width < dim else None)  # (C*H*W, width)
+    feats = torch.cat([f if proj is None else f @ proj for f in (
+        to_input(chunk, data["mean"], data["std"]).flatten(1) for chunk in x.split(4096))])  # (N, width)
+    gen = torch.Generator(x.device).manual_seed(seed)
+    return build_cluster_index(feats, data["y_train"], k, iters, gen)[0]
 
 
-def resume_student(ckpt_path: str, metrics_path: str, net, opt, sched, device) -> dict:
-    """--resume: restore the student, its optimiser and schedule, and the RNGs; cut metrics.jsonl back to the
-    checkpoint (a torn line, lines written after it). -> the checkpoint (its "state" is the loop's state)."""
-    ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)
-    net.load_state_dict(ckpt["student"])
-    opt.load_state_dict(ckpt["opt"])
-    sched.load_state_dict(ckpt["sched"])
-    set_rng_states(ckpt["rng"], device)
-    records = read_jsonl(metrics_path, ckpt["state"]["updates"])
-    with open(metrics_path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return ckpt
+@dataclass
+class LoopState:
+    """What the student loop carries from pass to pass; the checkpoint saves it whole."""
+    budget: int  # mini-batch updates (InfoBatch: random's, as epochs)
+    epochs: Fraction  # the budget in epochs of the training set
+    updates: int = 0
+    passes: int = 0
+    done: Fraction = Fraction(0)  # share of the budget spent (exact: the budget ends on an update)
+    curriculum_start: int | None = None  # the pass of the first selection, SPL iteration t = 0
+    lam0: float = 0.0  # λ_0, γ_0 of the absolute pace
+    gamma0: float = 0.0
+    best_acc: float = 0.0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # this process's CPU seconds
+    embed_cpu_s: float = 0.0  # the embedding child's CPU seconds
+    scores: torch.Tensor | None = None  # InfoBatch: every sample's last training loss (N,)
 
 
-def start_clusters(cfg: Config, data: dict, out: str, ckpt: dict | None, cores: int):
-    """Alg. 2 step 2: the embedding trainer in parallel (a child process) or inline (state in this process); SPLD's
-    fixed pixel clusters; nothing for random and SPL. -> (child handle, inline state, first index), None where
+def start_student(cfg: Config, data: dict, device: torch.device):
+    """The student, its optimiser and the loop's state; under --resume all three and the RNGs from OUT/ckpt.pt,
+    loaded to the CPU and moved (a run saved on one device resumes on another), with metrics.jsonl cut back to it.
+    -> net, opt, state, checkpoint (None when starting)."""
+    n = len(data["y_train"])
+    net = build_net(cfg.student, tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1, cfg.dropout,
+                    device)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                          weight_decay=cfg.weight_decay)
+    per_epoch = math.ceil(n / cfg.batch_size)
+    budget = cfg.updates or math.ceil(cfg.epochs * per_epoch)  # DEVIATION: counted in updates (Fig. 3's x-axis)
+    st = LoopState(budget, Fraction(budget, per_epoch),
+                   scores=torch.zeros(n, device=device) if cfg.sampler == "infobatch" else None)
+    ckpt_path, ckpt = os.path.join(cfg.run_dir, "ckpt.pt"), None
+    if cfg.resume:
+        ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+        net.load_state_dict(ckpt["student"])
+        opt.load_state_dict(ckpt["opt"])  # its state follows the parameters' device
+        set_rng_states(ckpt["rng"], device)
+        saved = ckpt["state"]
+        st = LoopState(**{**saved, "scores": None if saved["scores"] is None else saved["scores"].to(device)})
+        metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+        records = read_jsonl(metrics_path, st.updates)
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return net, opt, st, ckpt
+
+
+def start_embedding(cfg: Config, data: dict, ckpt: dict | None, cores: int):
+    """Alg. 2 step 2: the embedding trainer in parallel (a child process) or inline (its state in this process);
+    SPLD's fixed pixel clusters; nothing for the other samplers. -> (child handle, inline state, index), None where
     not used."""
-    shape, n_classes = tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1
     index = ckpt["index"] if ckpt else None
     if cfg.sampler == "spld" and index is None:  # fixed once, never refreshed
         index = {"assign": fixed_pixel_clusters(data, cfg.k, cfg.kmeans_iters, cfg.seed), "version": 0,
-                 "embed_acc": None, "iteration": 0}
+                 "iteration": 0, **dict.fromkeys(QUALITY)}
     if cfg.sampler != "spladvise":
         return None, None, index
+    shape, n_classes = tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1
     if cfg.embed_mode == "inline":
         estate = new_embedding_state(cfg, shape, n_classes, data["x_train"].device)
         if ckpt:
             load_embedding_state(estate, ckpt["embedding"])
-        fresh = embedding_refresh(estate, data, cfg)  # the neighbourhood sampler needs an index to draw from
-        return None, estate, index or fresh
-    state_path = os.path.join(out, "embed_state.pt")
+        first = embedding_refresh(estate, data, cfg, judge=cfg.embed_warmup == 0)  # the sampler draws from it
+        return None, estate, index or first
+    state_path = os.path.join(cfg.run_dir, "embed_state.pt")
     if ckpt and ckpt["embedding"] is not None and not os.path.exists(state_path):
         save_atomic(ckpt["embedding"], state_path)
     embed_device = torch.device(cfg.gpu if cfg.embed_gpu == "same" else cfg.embed_gpu)
-    # the child needs CPU threads only for its own work when it trains on the CPU; on a GPU it needs two
+    # on the CPU the two processes split the cores; on a GPU the child needs two CPU threads
     child_threads = max(1, cores - cores // 2) if embed_device.type == "cpu" else min(2, cores)
     handle = start_embedding_process(cfg, {k: v.to(embed_device) for k, v in data.items()}, n_classes * cfg.k,
                                      state_path, child_threads)
-    print(f"[embedding] pid={handle['proc'].pid} device={embed_device}", flush=True)
+    print(f"[embedding] pid={handle['proc'].pid} device={embed_device} threads={child_threads}", flush=True)
     return handle, None, index
 
 
-def save_checkpoint(path: str, cfg: Config, net, opt, sched, st: dict, index, estate, device):
-    """One atomic file holding everything --resume needs (STYLE §8); the child's state comes from its own file."""
-    state_path = os.path.join(os.path.dirname(path), "embed_state.pt")
-    embedding = (embedding_state_dict(estate) if estate is not None else
-                 torch.load(state_path, weights_only=False) if os.path.exists(state_path) else None)
+def retire_embedding(handle: dict, st: LoopState, cores: int, why: str) -> None:
+    """Stop the child for good once no later pass needs a new index, and give its cores to the student."""
+    st.embed_cpu_s += stop_embedding_process(handle)
+    torch.set_num_threads(cores)
+    print(f"[embedding] stopped before pass {st.passes + 1} (update {st.updates}): {why}; the student now uses "
+          f"{cores} threads", flush=True)
+
+
+def save_checkpoint(cfg: Config, net, opt, st: LoopState, index, estate, device):
+    """One atomic file holding everything --resume needs (STYLE §8); the child's state comes from its own file,
+    loaded to the CPU."""
+    state_path = os.path.join(cfg.run_dir, "embed_state.pt")
+    embedding = (embedding_state_dict(estate) if estate is not None else torch.load(
+        state_path, weights_only=False, map_location="cpu") if os.path.exists(state_path) else None)
     save_atomic({"config": dataclasses.asdict(cfg), "student": net.state_dict(), "opt": opt.state_dict(),
-                 "sched": sched.state_dict(), "state": st, "rng": rng_states(device), "embedding": embedding,
-                 "index": index}, path)
+                 "state": dataclasses.asdict(st), "rng": rng_states(device), "embedding": embedding,
+                 "index": index}, os.path.join(cfg.run_dir, "ckpt.pt"))
+
+
+LOG_FIELDS = ("pass", "updates", "epoch", "train_loss", "test_acc", "selected_frac", "label_precision",
+              "clusters_used", "embed_version", "embed_acc", "embed_recall1", "wall_s", "t_train", "t_score",
+              "t_embed", "t_embed_train")
 
 
 def log_pass(path: str, record: dict):
-    """One metrics.jsonl line and one log line per pass."""
-    append_jsonl(path, record)
-    fields = ("pass", "updates", "epoch", "train_loss", "test_acc", "selected_frac", "clusters_used",
-              "embed_version", "embed_acc", "embed_recall1", "embed_nmi", "wall_s", "t_train", "t_score", "t_embed",
-              "t_select")
+    """One metrics.jsonl line (fsynced) and one log line per pass."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     show = lambda v: (f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}") if isinstance(v, float) else v  # never 1e+04
-    print("[student] " + " ".join(f"{k}={show(record[k])}" for k in fields), flush=True)
+    print("[student] " + " ".join(f"{k}={show(record[k])}" for k in LOG_FIELDS), flush=True)
 
 
-def write_summary(cfg: Config, st: dict, budget: int, complete: bool, device: torch.device) -> dict:
-    records = read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl"))
-    summary = {"final_acc": records[-1]["test_acc"] if records else None, "best_acc": st["best_acc"],
-               "updates": st["updates"], "budget": budget, "complete": complete,
-               "wall_s": st["wall"], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"cpu ({len(os.sched_getaffinity(0))} cores)", "torch": torch.__version__, "sampler": cfg.sampler,
-               "seed": cfg.seed, "evaluated_on": "validation" if cfg.val_size else "test"}
-    with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+def lr_at(cfg: Config, done: Fraction) -> float:
+    """The step schedule: lr × lr_decay at each milestone (a fraction of the budget) passed."""
+    return cfg.lr * cfg.lr_decay ** sum(done >= m for m in cfg.milestone_fractions)
 
 
-def select_curriculum(cfg: Config, st: dict, t: int, net, data: dict, groups: torch.Tensor, device) -> dict:
-    """Alg. 2 steps 5-13 for SPL iteration t over groups (N,): score every sample, set λ_t, γ_t by the pace
-    (step 16), select by Eq. 2; writes st's selected, clusters_used, lam, gamma (and lam0, gamma0 at t = 0).
-    Nothing is scored when the pace keeps every sample anyway. -> the phase times."""
-    if pace_keeps_all(t, cfg.pace, cfg.f0, cfg.beta1, st["sizes"]):
-        return {}
+def curriculum_groups(cfg: Config, data: dict, index: dict | None, warmup: int) -> torch.Tensor | None:
+    """The groups Eq. 2 spreads a selection over (N,): one for SPL and random-pace, the fixed pixel clusters for
+    SPLD, the embedding's clusters for SPL-ADVisE once an index from after its warm-up exists; None before that
+    and for random and InfoBatch, which never select by Eq. 2."""
+    if cfg.sampler in ("spl", "random-pace"):
+        return torch.zeros_like(data["y_train"])
+    if cfg.sampler == "spld" or (cfg.sampler == "spladvise" and index and index["iteration"] >= warmup):
+        return index["assign"].to(data["y_train"].device)
+    return None
+
+
+def choose_pass(cfg: Config, st: LoopState, net, data: dict, index: dict | None, warmup: int) -> dict:
+    """Alg. 2 steps 5-13 for any sampler -> this pass's {idx (P,), weights (N,) or None, share (of the budget one
+    update spends), lam, gamma, clusters_used, t_score, t_select, index_done (why no later pass needs a new index,
+    or None)}."""
+    n, device = len(data["y_train"]), data["y_train"].device
+    chosen = {"idx": torch.arange(n, device=device), "weights": None, "share": 1 / Fraction(st.budget), "lam": None,
+              "gamma": None, "clusters_used": None, "t_score": 0.0, "t_select": 0.0,
+              "index_done": "the index is frozen" if cfg.refresh < 0 and index and index["iteration"] >= warmup
+              else None}
+    if cfg.sampler == "infobatch":  # NOTES §9: random's epochs, each pass an epoch of the kept samples
+        kept, chosen["weights"] = infobatch_select(st.scores, cfg.prune_ratio, float(st.done), cfg.anneal)
+        chosen["idx"] = kept.nonzero().flatten()
+        return {**chosen, "share": 1 / (st.epochs * math.ceil(len(chosen["idx"]) / cfg.batch_size))}
+    groups = curriculum_groups(cfg, data, index, warmup)
+    if st.passes == 0 or groups is None:  # the first pass, and every pass until the warm-up's index: all samples
+        return chosen
+    if st.curriculum_start is None:  # UNSPECIFIED: the curriculum starts when its clusters exist (issue 17), so
+        st.curriculum_start = st.passes  # t counts its passes: a late start shifts the schedule, not its shape
+        print(f"[student] curriculum starts at pass {st.passes + 1} (update {st.updates})", flush=True)
+    t, sizes = st.passes - st.curriculum_start, torch.bincount(groups).cpu()  # SPL iteration, (G,)
+    if pace_keeps_all(t, "quantile" if cfg.sampler == "random-pace" else cfg.pace, cfg.f0, cfg.beta1, sizes,
+                      cfg.f_max):  # Alg. 2 step 16: every sample from here on
+        return {**chosen, "index_done": "the pace keeps every sample from here on"}
+    if cfg.sampler == "random-pace":  # the control of Wu et al. (NOTES §10): f_t of the samples, uniformly
+        f = pace_fraction(t, cfg.f0, cfg.beta1, cfg.f_max)
+        return {**chosen, "idx": torch.randperm(n, device=device)[:round(min(f, 1) * n)]}
     t0 = time.time()
-    # Alg. 2 steps 5-6: the student's loss of every sample
-    losses = score_samples(net, data["x_train"], data["y_train"], data["mean"], data["std"], cfg.score_batch,
-                           device)  # (N,)
+    losses = score_samples(net, data["x_train"], data["y_train"], data["mean"], data["std"], cfg.score_batch)
+    sync(device)  # (N,) Alg. 2 steps 5-6
     t1 = time.time()
-    # Alg. 2 steps 7-13: λ_t, γ_t from the pace (step 16), then the closed form of Eq. 2
     rho0 = 0.0 if cfg.sampler == "spl" else cfg.rho0  # SPL: γ = 0, one group (NOTES §4)
     if t == 0:
-        st["lam0"], st["gamma0"] = spld_pace(losses, 0, "quantile", cfg.f0, rho0, 0, 0)
-    lam, gamma = spld_pace(losses, t, cfg.pace, cfg.f0, rho0, cfg.beta1, cfg.beta2, st["lam0"], st["gamma0"],
-                           groups)
-    mask = spld_select(losses, groups, lam, gamma)  # (N,)
-    st["selected"] = mask.nonzero().flatten()
-    st["clusters_used"] = int(torch.unique(groups[mask]).numel())
-    st["lam"] = lam if isinstance(lam, float) else lam[lam < math.inf].mean().item()
-    st["gamma"] = gamma
-    return {"t_score": t1 - t0, "t_select": time.time() - t1}
+        st.lam0, st.gamma0 = spld_pace(losses, 0, "quantile", cfg.f0, rho0, 0, 0)
+    lam, gamma = spld_pace(losses, t, cfg.pace, cfg.f0, rho0, cfg.beta1, cfg.beta2, st.lam0, st.gamma0, groups,
+                           cfg.f_max)  # Alg. 2 step 16
+    mask = spld_select(losses, groups, lam, gamma)  # (N,) Alg. 2 steps 7-13, Eq. 2
+    return {**chosen, "idx": mask.nonzero().flatten(), "clusters_used": int(torch.unique(groups[mask]).numel()),
+            "lam": lam if isinstance(lam, float) else lam[lam < math.inf].mean().item(), "gamma": gamma,
+            "t_score": t1 - t0, "t_select": time.time() - t1}
+
+
+def should_stop(cfg: Config, st: LoopState, t_start: float, handle: dict | None, stop_requested) -> bool:
+    """Signals, the --max-minutes budget, and (every 2 s) the embedding child's liveness: a dead child is kept in
+    handle["failure"], raised once the pass has been checkpointed."""
+    if handle is not None and handle["failure"] is None and time.time() - handle["checked"] > 2:
+        handle["checked"] = time.time()
+        try:
+            check_embedding_process(handle)
+        except EmbeddingFailed as e:
+            handle["failure"] = e
+    timed_out = cfg.max_minutes and st.wall_s + time.time() - t_start > 60 * cfg.max_minutes
+    return bool(stop_requested() or timed_out or (handle is not None and handle["failure"]))
 
 
 def train(cfg: Config, stop_requested=lambda: False) -> dict:
     """One run of Alg. 2 (or a baseline sampler) -> summary. Writes OUT/{config.json, metrics.jsonl,
     summary.json, ckpt.pt}; `stop_requested()` (signals) ends it cleanly after checkpointing."""
-    t_start = time.time()
-    out, device = cfg.run_dir, torch.device(cfg.gpu)
-    ckpt_path, metrics_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "metrics.jsonl")
-    seed_everything(cfg.seed, cfg.deterministic)
+    t_start, cpu_start, device = time.time(), time.process_time(), torch.device(cfg.gpu)
     cores = len(os.sched_getaffinity(0))
+    seed_everything(cfg.seed, cfg.deterministic)
     shares_cores = cfg.sampler == "spladvise" and cfg.embed_mode == "process" and device.type == "cpu" and \
         cfg.embed_gpu in ("same", "cpu")
     torch.set_num_threads(max(1, cores // 2) if shares_cores else cores)  # the two processes' threads <= cores
     data = prepare_data(cfg, device)
     check_against_data(cfg, data)
-    n, n_classes, shape = len(data["y_train"]), int(data["y_train"].max()) + 1, tuple(data["x_train"].shape[1:])
-    per_epoch = math.ceil(n / cfg.batch_size)
-    budget = cfg.updates or math.ceil(cfg.epochs * per_epoch)  # DEVIATION: counted in updates (Fig. 3's x-axis)
-    epochs, warmup = budget / per_epoch, cfg.warmup_iterations(n)  # InfoBatch counts epochs: its passes shrink
-    st = {"updates": 0, "passes": 0, "lam0": 0.0, "gamma0": 0.0, "wall": 0.0, "best_acc": 0.0, "sizes": None,
-          "scores": torch.zeros(n, device=device), "epochs_done": 0.0, "pass_start": 0, "pass_len": per_epoch}
-
-    def progress(step: int) -> float:  # share of the budget done after `step` updates (InfoBatch: of its epochs)
-        if cfg.sampler != "infobatch":
-            return step / budget
-        return (st["epochs_done"] + (step - st["pass_start"]) / st["pass_len"]) / epochs
-
-    net = build_net(cfg.student, shape, n_classes, cfg.dropout, device)
-    forward = torch.compile(net) if cfg.compile else net
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay)
-    milestones = [float(f) for f in cfg.milestones.replace("none", "").split(",") if f]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cfg.lr_decay ** sum(progress(step) >= m
-                                                                                    for m in milestones))
-    aug = parse_augment(cfg.augment)
-    ckpt = resume_student(ckpt_path, metrics_path, net, opt, sched, device) if cfg.resume else None
-    st.update(ckpt["state"] if ckpt else {})
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
+    net, opt, st, ckpt = start_student(cfg, data, device)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
-    print(f"[student] device={device} n_train={n} n_test={len(data['y_test'])} budget={budget} updates "
-          f"({epochs:.2f} epochs) student={cfg.student} sampler={cfg.sampler}", flush=True)
-    handle, estate, index = start_clusters(cfg, data, out, ckpt, cores)  # Alg. 2 step 2
-    last_check, failure = [time.time()], []
-
-    def stop():  # signals, the time budget, and (every 2 s) the embedding child's liveness
-        if handle is not None and time.time() - last_check[0] > 2:
-            last_check[0] = time.time()
-            try:
-                check_embedding_process(handle)
-            except EmbeddingFailed as e:
-                failure.append(e)
-        timed_out = cfg.max_minutes and st["wall"] + time.time() - t_start > 60 * cfg.max_minutes
-        return bool(stop_requested() or timed_out or failure)
-
+    print(f"[student] device={device} n_train={len(data['y_train'])} n_test={len(data['y_test'])} budget="
+          f"{st.budget} updates ({float(st.epochs):.2f} epochs) student={cfg.student} sampler={cfg.sampler}",
+          flush=True)
+    handle, estate, index = start_embedding(cfg, data, ckpt, cores)  # Alg. 2 step 2: Alg. 1, in parallel
+    forward, aug, warmup = torch.compile(net) if cfg.compile else net, parse_augment(cfg.augment), \
+        cfg.warmup_iterations(len(data["y_train"]))
+    stop = lambda: should_stop(cfg, st, t_start, handle, stop_requested)
     try:
-        while progress(st["updates"]) < 1 and not stop():
-            t = st["passes"] - 1  # SPL iteration of this pass; the first pass (t = -1) trains on every sample
-            times = dict.fromkeys(("t_embed", "t_score", "t_select"), 0.0)
-            # Alg. 2 step 16: once the pace keeps every sample, no later pass needs clusters or scores
-            pace_done = cfg.sampler in ("random", "infobatch") or pace_keeps_all(t, cfg.pace, cfg.f0, cfg.beta1,
-                                                                                  st["sizes"])
-            frozen_done = cfg.refresh < 0 and index is not None and index["iteration"] >= warmup
-            if handle is not None and (pace_done or frozen_done):  # no later pass needs a new index
-                handle = retire_embedding_process(handle, cores, st, "the pace keeps every sample from here on"
-                                                  if pace_done else "the index is frozen")
-            st.update(selected=None, weights=None, clusters_used=None, lam=None, gamma=None)
-            if t >= 0 and not pace_done:
-                t0 = time.time()
-                # Alg. 2 step 2 (Alg. 1): the newest clusters; the first selection waits for the warm-up
-                if handle is not None:
-                    index = read_index(handle, warmup, stop) or index
-                elif estate is not None:
-                    index = embedding_catch_up(estate, data, cfg) or index
-                if cfg.sampler == "spladvise" and (index is None or index["iteration"] < warmup):
-                    break  # stopped while waiting
-                g = torch.zeros_like(data["y_train"]) if cfg.sampler == "spl" else index["assign"].to(device)
-                st["sizes"] = torch.bincount(g).cpu()  # (G,)
-                times["t_embed"] = time.time() - t0
-                times.update(select_curriculum(cfg, st, t, net, data, g, device))  # Alg. 2 steps 5-13
-            if cfg.sampler == "infobatch":  # NOTES §9: prune below-mean-loss samples, reweight the kept ones
-                kept, st["weights"] = infobatch_select(st["scores"], cfg.prune_ratio, progress(st["updates"]),
-                                                       cfg.anneal)
-                st["selected"] = kept.nonzero().flatten()
-            pool = st["selected"] if st["selected"] is not None else torch.arange(n, device=device)
-            st["pass_start"], st["pass_len"] = st["updates"], math.ceil(len(pool) / cfg.batch_size)
-            infobatch = cfg.sampler == "infobatch"  # its last pass may be a fraction of an epoch
-            end = (st["updates"] + math.ceil(min(1, epochs - st["epochs_done"]) * st["pass_len"]) if infobatch
-                   else budget)
-            t3 = time.time()
-            # Alg. 2 steps 3-4: one shuffled pass over the selected samples
-            done, train_loss = student_pass(forward, opt, sched, pool[torch.randperm(len(pool), device=device)],
-                                            data, aug, cfg.batch_size, end, st["updates"], device, stop,
-                                            st["weights"], st["scores"] if infobatch else None)
+        while st.done < 1 and not stop():
+            t0 = time.time()
+            # Alg. 2 step 2: the newest clusters from after the embedding's warm-up, never waited for (inline
+            # mode trains the embedding here instead: work, not waiting)
+            if handle is not None:
+                index = latest_index(handle, warmup, index)
+            elif estate is not None and st.passes > 0:
+                index = embedding_catch_up(estate, data, cfg) or index
+            t_embed = time.time() - t0
+            # Alg. 2 steps 5-13, 16: this pass's samples and weights (Eq. 2 for the curricula)
+            chosen = choose_pass(cfg, st, net, data, index, warmup)
+            if handle is not None and chosen["index_done"]:
+                retire_embedding(handle, st, cores, chosen["index_done"])
+                handle = None
+            # Alg. 2 steps 3-4: one shuffled pass of mini-batch SGD over them; lr by the budget spent
+            idx, share = chosen["idx"][torch.randperm(len(chosen["idx"]), device=device)], chosen["share"]
+            n_updates = min(math.ceil((1 - st.done) / share), math.ceil(len(idx) / cfg.batch_size))
+            t2 = time.time()
+            done, train_loss = student_pass(forward, opt, idx, [lr_at(cfg, st.done + u * share) for u in range(
+                n_updates)], data, aug, cfg.batch_size, cfg.amp == "on", stop, st.updates, chosen["weights"],
+                st.scores)
             if done == 0:
                 break
-            st["updates"] += done
-            st["passes"] += 1
-            st["epochs_done"] += done / st["pass_len"]  # a pass cut short (a stop, InfoBatch's last) counts its share
-            st["pass_start"] = st["updates"]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t_train = time.time() - t3
+            sync(device)
+            t_train = time.time() - t2
+            st.updates, st.passes, st.done = st.updates + done, st.passes + 1, st.done + done * share
+            # evaluate on the test set, log, checkpoint
             test_acc = accuracy(net, data["x_test"], data["y_test"], data["mean"], data["std"], cfg.score_batch,
-                                device)
-            st["best_acc"] = max(st["best_acc"], test_acc)
-            st["wall"] += time.time() - t_start
-            t_start = time.time()
-            log_pass(metrics_path, {
-                "updates": st["updates"], "epoch": round(progress(st["updates"]) * epochs, 4),
-                "pass": st["passes"], "train_loss": train_loss, "test_acc": test_acc,
-                "selected_frac": len(pool) / n, **{k: st[k] for k in ("clusters_used", "lam", "gamma")},
-                **{key: (index or {}).get(k) for key, k in (("embed_version", "version"), ("embed_iter", "iteration"),
-                   ("embed_acc", "embed_acc"), ("embed_recall1", "embed_recall1"), ("embed_nmi", "embed_nmi"))},
-                "lr": sched.get_last_lr()[0], "wall_s": st["wall"], "t_train": t_train, **times})
-            save_checkpoint(ckpt_path, cfg, net, opt, sched, st, index, estate, device)
+                                cfg.amp == "on")
+            st.best_acc, st.wall_s, st.cpu_s = max(st.best_acc, test_acc), st.wall_s + time.time() - t_start, \
+                st.cpu_s + time.process_time() - cpu_start
+            t_start, cpu_start = time.time(), time.process_time()
+            log_pass(os.path.join(cfg.run_dir, "metrics.jsonl"), pass_record(
+                cfg, st, chosen, index, data, train_loss=train_loss, test_acc=test_acc,
+                t_train=t_train, **{"t_embed" if estate is None else "t_embed_train": t_embed}))
+            save_checkpoint(cfg, net, opt, st, index, estate, device)
     finally:
         if handle is not None:
-            stop_embedding_process(handle)
-    if failure:
-        raise failure[0]
-    return write_summary(cfg, st, budget, progress(st["updates"]) >= 1, device)
+            st.embed_cpu_s += stop_embedding_process(handle)
+    if handle is not None and handle["failure"]:
+        raise handle["failure"]
+    return write_summary(cfg, st, device)
+
+
+def pass_record(cfg: Config, st: LoopState, chosen: dict, index: dict | None, data: dict, **measured) -> dict:
+    """The metrics.jsonl line of a pass: what it trained on (label_precision: the share of its samples whose label
+    is right, Co-teaching's measure), the index it selected with, its accuracy and its time per phase."""
+    idx, n = chosen["idx"], len(data["y_train"])
+    return {"updates": st.updates, "epoch": round(float(st.done * st.epochs), 4), "pass": st.passes,
+            "t": None if st.curriculum_start is None else st.passes - 1 - st.curriculum_start,
+            "selected_frac": len(idx) / n,
+            "label_precision": (data["y_train"][idx] == data["y_clean"][idx]).float().mean().item(),
+            **{k: chosen[k] for k in ("clusters_used", "lam", "gamma")},
+            **{key: (index or {}).get(k) for key, k in (("embed_version", "version"), ("embed_iter", "iteration"),
+                                                        *((q, q) for q in QUALITY))},
+            "lr": lr_at(cfg, st.done), "wall_s": st.wall_s,
+            "t_score": chosen["t_score"], "t_select": chosen["t_select"], "t_embed": 0.0, "t_embed_train": 0.0,
+            **measured}
+
+
+def write_summary(cfg: Config, st: LoopState, device: torch.device) -> dict:
+    records = read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl"))
+    summary = {"final_acc": records[-1]["test_acc"] if records else None, "best_acc": st.best_acc,
+               "updates": st.updates, "budget": st.budget, "complete": st.done >= 1, "wall_s": st.wall_s,
+               "cpu_s": st.cpu_s, "embed_cpu_s": st.embed_cpu_s, "curriculum_start": st.curriculum_start,
+               "device": device_name(device), "torch": torch.__version__, "sampler": cfg.sampler, "seed": cfg.seed,
+               "evaluated_on": "validation" if cfg.val_size else "test"}
+    if cfg.sampler not in ("random", "infobatch") and st.curriculum_start is None:
+        summary["note"] = "no selection ran (the embedding's warm-up never arrived): this run is random sampling"
+        print(f"[student] {summary['note']}", flush=True)
+    with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
 
 
 # ---- 12. runs, seeds and benchmark -----------------------------------------------------------------------
@@ -1583,21 +1705,45 @@ def curve_at(records: list[dict], grid: list[int]) -> list[float]:
 
 def mean_std(values: list[float]) -> dict:
     """Mean and sample standard deviation (ddof = 1; 0 for a single run)."""
-    v = np.asarray(values, dtype=np.float64)
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)  # NaN: not measured in that run
+    if len(v) == 0:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
 
 
+PHASES = ("t_train", "t_score", "t_select", "t_embed", "t_embed_train")
+
+
+def run_stats(run_dir: str) -> dict:
+    """One finished run's numbers for the tables: accuracy, seconds per 1,000 updates (whole and per phase), the
+    embedding child's CPU time against the student's, where its curriculum started, the label precision of its
+    curriculum passes (all passes where it has none) and the quality of the indexes it selected with."""
+    s = json.load(open(os.path.join(run_dir, "summary.json")))
+    m = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    curriculum = [r for r in m if r.get("t") is not None] or m
+    used = [r for r in m if r["selected_frac"] < 1 and r.get("embed_acc") is not None]
+    start = s.get("curriculum_start")
+    return {"final_acc": s["final_acc"], "best_acc": s["best_acc"], "updates": s["updates"], "wall_s": s["wall_s"],
+            "s_per_1k": 1000 * s["wall_s"] / s["updates"],
+            **{k: 1000 * sum(r.get(k, 0.0) for r in m) / s["updates"] for k in PHASES},
+            "embed_cpu_share": s.get("embed_cpu_s", 0.0) / s["cpu_s"] if s.get("cpu_s") else 0.0,
+            "curriculum_update": m[start - 1]["updates"] if start else math.nan,
+            "label_precision": float(np.mean([r.get("label_precision", 1.0) for r in curriculum])),
+            "used_acc": [r["embed_acc"] for r in used], "used_recall1": [r["embed_recall1"] for r in used],
+            "metrics": m}
+
+
 def aggregate_runs(run_dirs: list[str], n_points: int = 20) -> dict:
-    """Mean ± std over seeds of each run's summary, and the mean test-accuracy curve (paper Fig. 3)."""
-    summaries = [json.load(open(os.path.join(d, "summary.json"))) for d in run_dirs]
-    curves = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in run_dirs]
-    budget = summaries[0]["budget"]
+    """Mean ± std over seeds of every run_stats number, and the mean test-accuracy curve (paper Fig. 3)."""
+    runs = [run_stats(d) for d in run_dirs]
+    budget = json.load(open(os.path.join(run_dirs[0], "summary.json")))["budget"]
     grid = sorted({max(1, round(budget * i / n_points)) for i in range(1, n_points + 1)})
-    at = np.array([curve_at(c, grid) for c in curves])  # (runs, points)
-    result = {key: mean_std([s[key] for s in summaries]) for key in ("final_acc", "best_acc", "updates", "wall_s")}
-    result.update(runs=run_dirs, curve={"updates": grid, "test_acc_mean": at.mean(0).tolist(),
-                                        "test_acc_std": at.std(0, ddof=1).tolist() if len(at) > 1 else
-                                        [0.0] * len(grid)})
+    at = np.array([curve_at(r["metrics"], grid) for r in runs])  # (runs, points)
+    result = {key: mean_std([r[key] for r in runs]) for key, v in runs[0].items() if isinstance(v, (int, float))}
+    result.update({key: sum((r[key] for r in runs), []) for key in ("used_acc", "used_recall1")})
+    result.update(runs=run_dirs, metrics=[r["metrics"] for r in runs], curve={
+        "updates": grid, "test_acc_mean": at.mean(0).tolist(),
+        "test_acc_std": at.std(0, ddof=1).tolist() if len(at) > 1 else [0.0] * len(grid)})
     return result
 
 
@@ -1607,28 +1753,9 @@ def seed_runs(cfg: Config) -> list[Config]:
             for seed in range(cfg.seed, cfg.seed + cfg.runs)]
 
 
-def write_aggregate(cfg: Config) -> dict:
-    result = aggregate_runs([run.run_dir for run in seed_runs(cfg)])
-    with open(os.path.join(cfg.run_dir, "aggregate.json"), "w") as f:
-        json.dump({"sampler": cfg.sampler, **result}, f, indent=1)
-    print(f"[runs] {cfg.sampler}: final acc {result['final_acc']['mean']:.4f} ± {result['final_acc']['std']:.4f} "
-          f"best {result['best_acc']['mean']:.4f} over {cfg.runs} seeds -> {cfg.run_dir}/aggregate.json", flush=True)
-    return result
-
-
-def config_argv(cfg: Config) -> list[str]:
-    """The flags that reproduce cfg exactly."""
-    argv = []
-    for f in dataclasses.fields(Config):
-        value = getattr(cfg, f.name)
-        flag = f"--{f.name.replace('_', '-')}"
-        argv += ([flag if value else f"--no-{f.name.replace('_', '-')}"] if f.type is bool else [flag, str(value)])
-    return argv
-
-
 def run_finished(run: Config) -> bool:
-    """True if run.run_dir holds a complete run of exactly this config (a benchmark started again reuses it); a
-    field the saved config lacks (added since) counts as its default."""
+    """True if run.run_dir holds a complete run of exactly this config; a field the saved config lacks (added
+    since) counts as its default."""
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     try:
         return (json.load(open(os.path.join(run.run_dir, "summary.json")))["complete"]
@@ -1638,190 +1765,89 @@ def run_finished(run: Config) -> bool:
         return False
 
 
-def run_parallel(runs: list[Config], jobs: int, stop_requested, progress: dict) -> None:
-    """Each run as its own spladvise.py process (log in OUT/log.txt), `jobs` at a time; runs already complete
-    are reused. A line per finished run: runs done / total, its accuracy, elapsed time, an estimate of the rest.
-    A run that fails stops the benchmark with its log's last line; a stop request is passed on as SIGTERM, so
-    each run checkpoints."""
-    import subprocess
-    waiting, active = [run for run in runs if not run_finished(run)], []
-    progress["done"] += len(runs) - len(waiting)
-    while (waiting and not stop_requested()) or active:
-        while waiting and len(active) < jobs and not stop_requested():
-            run = waiting.pop(0)
-            os.makedirs(run.run_dir, exist_ok=True)
-            log = open(os.path.join(run.run_dir, "log.txt"), "w")
-            active.append((run, subprocess.Popen([sys.executable, os.path.abspath(__file__), *config_argv(run)],
-                                                 stdout=log, stderr=subprocess.STDOUT), log))
-        for run, proc, log in list(active):
-            if stop_requested() and proc.poll() is None:
-                proc.terminate()
-            if proc.poll() is not None:
-                active.remove((run, proc, log))
-                log.close()
-                if proc.returncode != 0 and not stop_requested():
-                    for _, other, _ in active:
-                        other.terminate()
-                    last = open(os.path.join(run.run_dir, "log.txt")).read().strip().splitlines()[-1:]
-                    raise BenchmarkFailed(f"benchmark run {run.run_dir} failed (exit {proc.returncode}): {last}")
-                if proc.returncode == 0:
-                    progress["done"], progress["ran"] = progress["done"] + 1, progress["ran"] + 1
-                    elapsed = time.time() - progress["t0"]
-                    left = elapsed / progress["ran"] * (progress["total"] - progress["done"])
-                    acc = json.load(open(os.path.join(run.run_dir, "summary.json")))["final_acc"]
-                    print(f"[bench] {progress['done']}/{progress['total']} runs done: {run.run_dir} "
-                          f"final_acc={acc:.4f}; elapsed {elapsed / 60:.1f} min, about {left / 60:.0f} min left",
-                          flush=True)
-        time.sleep(0.2)
-    if stop_requested():
-        raise BenchmarkFailed("benchmark stopped by a signal; every run it started has checkpointed")
+def run_seeds(cfg: Config, stop_requested=lambda: False) -> dict | None:
+    """--runs N (and each benchmark row): every seed in turn, reusing a finished run and resuming one cut short,
+    then OUT/aggregate.json. -> the aggregate, None if stopped."""
+    for run in seed_runs(cfg):
+        if not run_finished(run):
+            run = dataclasses.replace(run, resume=os.path.exists(os.path.join(run.run_dir, "ckpt.pt")))
+            prepare_run_dir(run)
+            summary = train(run, stop_requested)
+            print(f"[runs] {run.run_dir}: final_acc={summary['final_acc']:.4f} wall={summary['wall_s']:.1f}s",
+                  flush=True)
+        if stop_requested():
+            return None
+    result = aggregate_runs([run.run_dir for run in seed_runs(cfg)])
+    with open(os.path.join(cfg.run_dir, "aggregate.json"), "w") as f:
+        json.dump({"sampler": cfg.sampler, **{k: v for k, v in result.items() if k != "metrics"}}, f, indent=1)
+    print(f"[runs] {cfg.sampler}: final acc {result['final_acc']['mean']:.4f} ± {result['final_acc']['std']:.4f} "
+          f"best {result['best_acc']['mean']:.4f} over {cfg.runs} seeds -> {cfg.run_dir}/aggregate.json", flush=True)
+    return result
 
 
-class BenchmarkFailed(Exception):
-    """A benchmark run exited with an error; the message holds the last line of its log."""
-
-
-# Rows of ./run.sh bench: what each changes from the shared configuration.
-BENCH_ROWS = {"random": dict(sampler="random"), "spl": dict(sampler="spl"), "spld": dict(sampler="spld"),
-              "spladvise": dict(sampler="spladvise"),
-              "spladvise-frozen": dict(sampler="spladvise", refresh=-1),  # the authors' schedule (NOTES §8)
-              "spladvise-rank": dict(sampler="spladvise", pace="rank"),  # the authors' count pace (NOTES §8)
-              "infobatch": dict(sampler="infobatch"),  # its paper's r = 0.5, δ = 0.875; random's epochs
-              **{f"spladvise+{loss}": dict(sampler="spladvise", embed_loss=loss)  # paper §5: other DML losses
-                 for loss in ("osm_caa", "triplet_global", "dml_crc")}}
-# Pacing settings, fixed before any result was seen (paper §4 tried "5 combinations"), each row's best chosen on a
-# validation split: (f0, rho0, beta1 = beta2), for spladvise also the warm-up in embedding epochs. SPL ignores
-# rho0. spladvise-frozen and the other objectives take spladvise's choice (an ablation changes one thing);
-# spladvise-rank searches its own pace (f0 = K_0 / mean cluster size there) with spladvise's warm-up.
-PACE_GRID = [(0.5, 0.5, 0.1), (0.7, 0.5, 0.1), (0.3, 1.0, 0.2), (0.6, 0.25, 0.2)]
-SPLADVISE_GRID = [(0.7, 0.5, 0.1, 2), (0.7, 0.5, 0.1, 5), (0.7, 0.5, 0.1, 15), (0.6, 0.25, 0.2, 5),
-                  (0.5, 0.5, 0.1, 5)]
-
-
-def pace_settings(row: str) -> list[dict]:
-    if row == "spladvise":
-        return [dict(f0=f0, rho0=rho, beta1=b, beta2=b, embed_warmup=w) for f0, rho, b, w in SPLADVISE_GRID]
-    return [dict(f0=f0, rho0=0.0 if row == "spl" else rho, beta1=b, beta2=b) for f0, rho, b in PACE_GRID]
+# ./run.sh bench: regimes × rows, each row the flags it changes. Every SPL row paces as the authors' code did (NOTES
+# §8), fixed before any run and tuned on nothing here: f0 = 0.7 (K_0 = 500 of ~750 per cluster), β1 = β2 = 0.1
+# (×1.1 per pass), ρ0 = 0.5 — Config's defaults. Where the pace is capped (f_max = 0.6 = 1 − the noise rate, as
+# Co-teaching does), the row assumes the noise rate is known.
+BENCH_ROWS = {row: dict(sampler=row) for row in ("random", "random-pace", "spl", "spld", "spladvise", "infobatch")}
+BENCH_REGIMES = {  # regime: (budget × the clean one, what it changes, its rows)
+    "clean": (1, {}, {**BENCH_ROWS, "spladvise-frozen": dict(sampler="spladvise", refresh=-1),  # authors' schedule
+                      "spladvise-rank": dict(sampler="spladvise", pace="rank"),  # authors' count pace
+                      **{f"spladvise+{loss}": dict(sampler="spladvise", embed_loss=loss)  # paper §5
+                         for loss in ("osm_caa", "triplet_global", "dml_crc")}}),
+    "noisy": (4, dict(label_noise=0.4), {**BENCH_ROWS, **{f"{row}-fmax0.6": dict(sampler=row, f_max=0.6)
+                                                          for row in ("random-pace", "spl", "spld", "spladvise")}}),
+    "short": (0.25, {}, BENCH_ROWS),  # LR milestones are fractions of the budget: the schedule scales with it
+}
 
 
 def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
-    """The comparison of README "Results", `bench_jobs` runs at a time:
-    1. pacing: each SPL row's settings on a validation split held out of the training set (one seed);
-    2. final: every row of BENCH_ROWS with the same student, budget and seeds (--runs) on the test set;
-    3. each embedding objective alone, in this process (embedding_quality).
-    Prints Markdown tables (accuracy, cost per phase, embeddings); writes OUT/bench.json and OUT/bench.md."""
-    root, seeds = cfg.run_dir, cfg.runs if cfg.runs > 1 else 5  # the paper's 5; mean ± std needs several
-    base = dataclasses.replace(cfg, bench=False, resume=False, runs=1, plot=False)
-    val = dataclasses.replace(base, val_size=cfg.val_size or max(1000, (cfg.train_size or 60000) // 10))
-    progress = {"done": 0, "ran": 0, "t0": time.time(),
-                "total": sum(len(pace_settings(r)) for r in ("spl", "spld", "spladvise", "spladvise-rank"))
-                + seeds * len(BENCH_ROWS)}
-    chosen, pacing = {}, ["| row | f0 | rho0 | beta1 = beta2 | warm-up | validation acc | chosen |",
-                          "|---|---|---|---|---|---|---|"]
-    for row in ("spl", "spld", "spladvise", "spladvise-rank"):
-        fixed = {"embed_warmup": chosen["spladvise"]["embed_warmup"]} if row == "spladvise-rank" else {}
-        settings = [{**fixed, **s} for s in pace_settings(row)]
-        runs = [dataclasses.replace(val, **BENCH_ROWS[row], **s, out=os.path.join(
-            root, "pacing", row + "".join(f"-{k}={v}" for k, v in s.items()))) for s in settings]
-        run_parallel(runs, cfg.bench_jobs, stop_requested, progress)
-        accs = [json.load(open(os.path.join(run.run_dir, "summary.json")))["final_acc"] for run in runs]
-        chosen[row] = settings[int(np.argmax(accs))]
-        pacing += [f"| {row} | {s['f0']} | {s['rho0']} | {s['beta1']} | {s.get('embed_warmup', '—')} | {a:.4f} | "
-                   f"{'yes' if s is chosen[row] else ''} |" for s, a in zip(settings, accs)]
-    chosen.update({row: chosen["spladvise"] for row, change in BENCH_ROWS.items()
-                   if row not in chosen and change["sampler"] == "spladvise"})
-    finals = {row: dataclasses.replace(base, **BENCH_ROWS[row], **chosen.get(row, {}), runs=seeds,
-                                       out=os.path.join(root, row)) for row in BENCH_ROWS}
-    run_parallel([run for f in finals.values() for run in seed_runs(f)], cfg.bench_jobs, stop_requested, progress)
-    results = {row: write_aggregate(f) for row, f in finals.items()}
-    for r in results.values():
-        r["metrics"] = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in r["runs"]]
-    quality = embedding_quality(dataclasses.replace(base, **chosen["spladvise"]), os.path.join(root, "embedding"))
-    tables = ("Pacing (validation split, one seed):\n\n" + "\n".join(pacing) + "\n\nFinal runs (test set):\n\n"
-              + accuracy_table(results) + f"\n\nCost of the final runs ({cfg.bench_jobs} at a time), seconds per "
-              f"1,000 updates, mean over seeds:\n\n" + cost_table(results) + "\n\nEach embedding objective alone "
-              "(the warm-up's iterations, refreshed every R, seed 1; test set):\n\n" + quality)
-    print("\n" + tables, flush=True)
-    with open(os.path.join(root, "bench.json"), "w") as f:
-        json.dump({"chosen": chosen, "results": results, "config": dataclasses.asdict(cfg)}, f, indent=1)
+    """Each regime (--regime, default all) of BENCH_REGIMES: every row on the same student, data and seeds (--runs,
+    default 5), one run at a time so that the cost columns are the machine's alone; finished runs are reused.
+    Prints each regime's table; writes OUT/REGIME/bench.json (curves for --plot) and OUT/bench.md."""
+    root, seeds, results = cfg.run_dir, cfg.runs if cfg.runs > 1 else 5, {}
+    base = dataclasses.replace(cfg, bench=False, resume=False, plot=False, runs=seeds)
+    for regime, (factor, change, rows) in BENCH_REGIMES.items():
+        if cfg.regime not in ("all", regime):
+            continue
+        budget = dict(epochs=base.epochs * factor, updates=round(base.updates * factor))
+        results[regime] = {}
+        for row, flags in rows.items():
+            run = dataclasses.replace(base, **budget, **change, **flags, out=os.path.join(root, regime, row))
+            results[regime][row] = run_seeds(run, stop_requested)
+            if results[regime][row] is None:
+                return results
+        table = f"{regime} ({json.dumps({**budget, **change})}, {seeds} seeds):\n\n{bench_table(results[regime])}"
+        print("\n" + table + "\n", flush=True)
+        with open(os.path.join(root, regime, "bench.json"), "w") as f:
+            json.dump({"results": {row: {k: v for k, v in r.items() if k != "metrics"}
+                                   for row, r in results[regime].items()}, "table": table}, f, indent=1)
     with open(os.path.join(root, "bench.md"), "w") as f:
-        f.write(tables + "\n")
+        f.write("\n\n".join(json.load(open(os.path.join(root, regime, "bench.json")))["table"]
+                            for regime in BENCH_REGIMES if os.path.exists(os.path.join(root, regime, "bench.json"))))
     return results
 
 
-def embedding_quality(cfg: Config, folder: str) -> str:
-    """Bench phase 3: each --embed-loss trained alone for cfg's warm-up iterations with its refreshes (the child's
-    schedule), then judged on the test set; seconds per iteration include the refreshes. Reuses the table of an
-    earlier call with the same config. -> Markdown table."""
-    path = os.path.join(folder, "quality.json")
-    if os.path.exists(path) and json.load(open(path))["config"] == dataclasses.asdict(cfg):
-        return json.load(open(path))["table"]
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    device = torch.device(cfg.gpu)
-    data = prepare_data(cfg, device)
-    rows = ["| objective | iterations | soft-vote acc | Recall@1 | NMI | s / iteration |", "|---|---|---|---|---|---|"]
-    for loss in CHOICES["embed_loss"]:
-        run = dataclasses.replace(cfg, embed_loss=loss, out=os.path.join(folder, loss))
-        seed_everything(run.seed + 1, run.deterministic)
-        state = new_embedding_state(run, tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1, device)
-        t0 = time.time()
-        index = embedding_refresh(state, data, run)  # the sampler's first index, Smart Mining's first triplets
-        index = embedding_catch_up(state, data, run) or index  # the warm-up, refreshed every R on the way
-        rows.append(f"| {loss} | {state['iteration']} | {index['embed_acc']:.4f} | {index['embed_recall1']:.4f} | "
-                    f"{index['embed_nmi']:.4f} | {(time.time() - t0) / state['iteration']:.3f} |")
-        print(f"[bench] embedding {rows[-1]}", flush=True)
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "table": "\n".join(rows)}, f)
-    return "\n".join(rows)
-
-
-def seconds_per_1k(run: list[dict], key: str = "wall_s") -> float:
-    """A run's wall seconds (or one phase's, summed over passes) per 1,000 updates."""
-    total = run[-1]["wall_s"] if key == "wall_s" else sum(m[key] for m in run)
-    return 1000 * total / run[-1]["updates"]
-
-
-def accuracy_table(results: dict) -> str:
-    """Markdown: accuracy per row (mean ± std over seeds), updates to reach random's final mean accuracy, cost
-    relative to random, and which embedding the curriculum passes ran on; then the mean test-accuracy curve."""
-    target = results["random"]["final_acc"]["mean"]
-    base = np.mean([seconds_per_1k(run) for run in results["random"]["metrics"]])
-    rows = ["| row | final acc | best acc | updates to reach random's final | s / 1k updates (× random) | index "
-            "versions while selecting < 100 % | their soft-vote acc |", "|---|---|---|---|---|---|---|"]
+def bench_table(results: dict) -> str:
+    """Markdown, one row per bench row (mean ± std over seeds): final and best accuracy, updates to reach random's
+    final mean, the update where the curriculum started, its label precision, seconds per 1,000 updates (× random)
+    and their split, the embedding child's CPU time / the student's, and the indexes the curriculum used."""
+    target, base = results["random"]["final_acc"]["mean"], results["random"]["s_per_1k"]["mean"]
+    show = lambda v: "—" if v["n"] == 0 or math.isnan(v["mean"]) else f"{v['mean']:.0f}"
+    span = lambda v: f"{min(v):.3f}–{max(v):.3f}" if v else "—"
+    rows = ["| row | final acc | best acc* | updates to reach random's final | curriculum from update | label "
+            "precision | s / 1k updates (× random) | train | score | embed wait | embed inline | embed CPU / "
+            "student CPU | indexes used: soft-vote acc | Recall@1 |", "|---" * 14 + "|"]
     for name, r in results.items():
         reach = [next((m["updates"] for m in run if m["test_acc"] >= target), None) for run in r["metrics"]]
         hits = [u for u in reach if u is not None]
-        cost = np.mean([seconds_per_1k(run) for run in r["metrics"]])
-        used = [m for run in r["metrics"] for m in run if m["selected_frac"] < 1 and m["embed_version"] is not None]
-        versions, accs = [m["embed_version"] for m in used], [m["embed_acc"] for m in used if m["embed_acc"]]
         rows.append(f"| {name} | {r['final_acc']['mean']:.4f} ± {r['final_acc']['std']:.4f} | "
                     f"{r['best_acc']['mean']:.4f} ± {r['best_acc']['std']:.4f} | "
-                    f"{f'{np.mean(hits):.0f} ({len(hits)}/{len(reach)} runs)' if hits else 'not reached'} | "
-                    f"{cost:.1f} ({cost / base:.2f}) | {f'{min(versions)}–{max(versions)}' if versions else '—'} | "
-                    f"{f'{min(accs):.3f}–{max(accs):.3f}' if accs else '—'} |")
-    grid = results["random"]["curve"]["updates"]
-    picks = sorted({grid[i] for i in (0, len(grid) // 4, len(grid) // 2, 3 * len(grid) // 4, len(grid) - 1)})
-    rows += ["", "Mean test accuracy at update counts:", "",
-             "| row | " + " | ".join(str(u) for u in picks) + " |", "|---" * (len(picks) + 1) + "|"]
-    for name, r in results.items():
-        curve = dict(zip(r["curve"]["updates"], r["curve"]["test_acc_mean"]))
-        rows.append(f"| {name} | " + " | ".join(f"{curve[u]:.4f}".replace("nan", "—") for u in picks) + " |")
-    return "\n".join(rows)
-
-
-def cost_table(results: dict) -> str:
-    """Markdown: updates and wall seconds per run, wall seconds per 1,000 updates, its ratio to random, and the
-    per-phase split (mean over seeds)."""
-    phases = ("wall_s", "t_train", "t_score", "t_embed", "t_select")
-    mean = {name: [np.mean([seconds_per_1k(run, key) for run in r["metrics"]]) for key in phases]
-            for name, r in results.items()}
-    rows = ["| row | updates | wall s | s / 1k updates | × random | t_train | t_score | t_embed (inline, or "
-            "waiting) | t_select |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, (wall, *split) in mean.items():
-        r = results[name]
-        rows.append(f"| {name} | {r['updates']['mean']:.0f} | {r['wall_s']['mean']:.1f} | {wall:.1f} | "
-                    f"{wall / mean['random'][0]:.2f} | " + " | ".join(f"{p:.1f}" for p in split) + " |")
+                    f"{f'{np.mean(hits):.0f} ({len(hits)}/{len(reach)})' if hits else 'not reached'} | "
+                    f"{show(r['curriculum_update'])} | {r['label_precision']['mean']:.3f} | "
+                    f"{r['s_per_1k']['mean']:.1f} ({r['s_per_1k']['mean'] / base:.2f}) | "
+                    + " | ".join(f"{r[k]['mean']:.1f}" for k in ("t_train", "t_score", "t_embed", "t_embed_train"))
+                    + f" | {r['embed_cpu_share']['mean']:.2f} | {span(r['used_acc'])} | {span(r['used_recall1'])} |")
     return "\n".join(rows)
 
 
@@ -1905,12 +1931,13 @@ def plot_folder(folder: str) -> list[str]:
 
 
 # ---- 14. CLI and main ------------------------------------------------------------------------------------
-CHOICES = {"dataset": DATASETS, "sampler": ("spladvise", "spld", "spl", "random", "infobatch"),
+CHOICES = {"dataset": DATASETS, "sampler": ("spladvise", "spld", "spl", "random", "random-pace", "infobatch"),
+           "amp": ("auto", "on", "off"), "noise_kind": ("symmetric", "pairflip"), "regime": ("all", *BENCH_REGIMES),
            "preset": ("auto", "paper", "cpu"), "embed_mode": ("process", "inline"),
            "pace": ("quantile", "absolute", "rank"),
            "student": NETS, "embed_net": NETS, "embed_loss": ("magnet", "osm_caa", "triplet_global", "dml_crc")}
 RUNTIME_FIELDS = {"resume", "max_minutes", "gpu", "embed_gpu", "out", "data_dir", "download", "compile", "runs",
-                  "bench", "bench_jobs", "plot"}  # may change on --resume; the other fields must match the checkpoint's
+                  "bench", "regime", "plot", "amp"}  # may change on --resume; the other fields must match the checkpoint's
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -1955,43 +1982,16 @@ def resolve_config(cfg: Config) -> Config:
         raise ConfigError(f"--dataset {cfg.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
     preset = cfg.preset if cfg.preset != "auto" else ("paper" if gpu.startswith("cuda") else "cpu")
     budget_given = cfg.updates is not None or cfg.epochs is not None
-    values = {"embed_dim": 64, "train_size": 0, "test_size": 0, "updates": 0, "epochs": 0,
+    values = {"embed_dim": 64, "embed_lr": 1e-4, "embed_warmup": 5.0, "train_size": 0, "test_size": 0, "updates": 0, "epochs": 0,
               **PRESETS[preset][cfg.dataset], **(BENCH_CPU if cfg.bench and preset == "cpu" else {})}
     defaults = {k: v for k, v in values.items()
                 if getattr(cfg, k) is None and not (budget_given and k in ("updates", "epochs"))}
-    cfg = dataclasses.replace(cfg, gpu=gpu, embed_gpu=embed_gpu, preset=preset, **defaults)
+    if cfg.amp == "auto":  # bf16 where the GPU has it natively (Ampere on); emulated bf16 is slower than float32
+        amp = "on" if gpu.startswith("cuda") and torch.cuda.get_device_capability(gpu)[0] >= 8 else "off"
+    cfg = dataclasses.replace(cfg, gpu=gpu, embed_gpu=embed_gpu, preset=preset, **defaults,
+                              amp=amp if cfg.amp == "auto" else cfg.amp)
     cfg = dataclasses.replace(cfg, updates=cfg.updates or 0, epochs=cfg.epochs or 0.0)
-    for name, choices in CHOICES.items():
-        value = getattr(cfg, name)
-        if value not in choices and not (name in ("student", "embed_net") and re.fullmatch(r"wrn-\d+-\d+", value)
-                                          and (int(value.split("-")[1]) - 4) % 6 == 0):
-            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is unknown; choose one of {', '.join(choices)}")
-    positive = ("batch_size", "lr", "embed_lr", "embed_dim", "k", "m", "d", "kmeans_iters", "neighbours",
-                "score_batch", "runs", "bench_jobs")
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.refresh < -1:
-        raise ConfigError(f"--refresh must be >= 0 (0 = one embedding epoch) or -1 (frozen), got {cfg.refresh}")
-    for name in ("train_size", "test_size", "val_size", "updates", "epochs", "max_minutes", "embed_warmup", "rho0",
-                 "beta1", "beta2", "alpha", "weight_decay", "momentum"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if not cfg.updates and not cfg.epochs:
-        raise ConfigError("the budget is zero: give --updates N or --epochs E (> 0)")
-    if not 0 < cfg.f0 <= 1:
-        raise ConfigError(f"--f0 must be in (0, 1], got {cfg.f0}")
-    for name, value in (("dropout", cfg.dropout), ("prune_ratio", cfg.prune_ratio)):
-        if not 0 <= value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
-    if not 0 <= cfg.anneal <= 1:
-        raise ConfigError(f"--anneal must be in [0, 1] (a share of the epochs), got {cfg.anneal}")
-    if cfg.embed_loss != "magnet" and cfg.d < 2:
-        raise ConfigError(f"--d {cfg.d}: --embed-loss {cfg.embed_loss} needs >= 2 examples of a class per batch")
-    if not 0 < cfg.triplet_target < 1:
-        raise ConfigError(f"--triplet-target must be in (0, 1), got {cfg.triplet_target}")
-    if cfg.m < 2:
-        raise ConfigError(f"--m {cfg.m}: a magnet batch needs at least 2 clusters (a seed and an impostor)")
+    check_values(cfg)
     try:
         parse_augment(cfg.augment)
         fractions = [float(f) for f in cfg.milestones.replace("none", "").split(",") if f]
@@ -2005,6 +2005,39 @@ def resolve_config(cfg: Config) -> Config:
         except ImportError:
             raise ConfigError("--plot needs matplotlib, an optional extra: pip install matplotlib")
     return cfg
+
+
+RANGES = [  # (flags, test, the rule a message states)
+    (("batch_size", "lr", "embed_lr", "embed_dim", "k", "m", "d", "kmeans_iters", "neighbours", "score_batch", "runs"),
+     lambda v: v > 0, "must be positive"),
+    (("train_size", "test_size", "val_size", "updates", "epochs", "max_minutes", "embed_warmup", "rho0", "beta1",
+      "beta2", "alpha", "weight_decay", "momentum"), lambda v: v >= 0, "must be >= 0"),
+    (("f0", "f_max"), lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    (("dropout", "prune_ratio", "label_noise"), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    (("anneal",), lambda v: 0 <= v <= 1, "must be in [0, 1] (a share of the epochs)"),
+    (("triplet_target",), lambda v: 0 < v < 1, "must be in (0, 1)"),
+    (("refresh",), lambda v: v >= -1, "must be >= 0 (0 = one embedding epoch) or -1 (frozen)"),
+]
+
+
+def check_values(cfg: Config):
+    """Every choice among CHOICES (or lenet-W, wrn-D-W) and every number in its RANGES; ConfigError names the bad
+    value and the fix."""
+    for name, choices in CHOICES.items():
+        value = getattr(cfg, name)
+        if value not in choices and not (name in ("student", "embed_net") and (re.fullmatch(r"lenet-[1-9]\d*", value)
+                                          or re.fullmatch(r"wrn-\d+-\d+", value) and (int(value.split("-")[1]) - 4) % 6 == 0)):
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is unknown; choose one of {', '.join(choices)}")
+    for names, ok, rule in RANGES:
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} {rule}, got {getattr(cfg, name)}")
+    if not cfg.updates and not cfg.epochs:
+        raise ConfigError("the budget is zero: give --updates N or --epochs E (> 0)")
+    if cfg.embed_loss != "magnet" and cfg.d < 2:
+        raise ConfigError(f"--d {cfg.d}: --embed-loss {cfg.embed_loss} needs >= 2 examples of a class per batch")
+    if cfg.m < 2:
+        raise ConfigError(f"--m {cfg.m}: a magnet batch needs at least 2 clusters (a seed and an impostor)")
 
 
 def prepare_run_dir(cfg: Config):
@@ -2037,12 +2070,7 @@ def run_requested(cfg: Config, stop_requested):
     if cfg.bench:
         run_bench(cfg, stop_requested)
     elif cfg.runs > 1:
-        for run in seed_runs(cfg):
-            prepare_run_dir(run)
-            train(run, stop_requested)
-            if stop_requested():
-                return
-        write_aggregate(cfg)
+        run_seeds(cfg, stop_requested)
     else:
         prepare_run_dir(cfg)
         summary = train(cfg, stop_requested)
@@ -2064,17 +2092,16 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.bench or not (cfg.plot and finished_results(cfg.run_dir)):  # --plot --out DIR only draws DIR
             run_requested(cfg, stop_requested)  # (a benchmark always runs: it reuses every finished run)
         if cfg.plot and not received:
-            for path in plot_folder(cfg.run_dir):
+            regimes = [os.path.join(cfg.run_dir, r) for r in BENCH_REGIMES if cfg.bench and os.path.exists(
+                os.path.join(cfg.run_dir, r, "bench.json"))]  # a benchmark: each regime's rows
+            for path in [p for folder in regimes or [cfg.run_dir] for p in plot_folder(folder)]:
                 print(f"[plot] {path}", flush=True)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except BenchmarkFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except (EmbeddingFailed, NonFiniteLoss) as e:
         ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
-        last = (f"last good checkpoint: {ckpt} (update {torch.load(ckpt, weights_only=False)['state']['updates']})"
+        last = (f"last good checkpoint: {ckpt} (update {torch.load(ckpt, weights_only=False, map_location='cpu')['state']['updates']})"
                 if os.path.exists(ckpt) else "no checkpoint was written yet")
         print(f"error: {e}; {last}", file=sys.stderr)
         return 1

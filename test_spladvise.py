@@ -166,6 +166,50 @@ def test_augment_shift_moves_pixels_by_whole_pixels_and_flips_mirror():
     assert set(flipped[:, 0, 3].argmax(1).tolist()) == {4, 3}  # column 4 or its mirror 8-1-4
 
 
+def test_symmetric_noise_flips_rate_of_labels_uniformly_to_other_classes():
+    """Co-teaching's symmetric noise: a share RATE of labels changes (within 4 binomial standard errors), never to
+    itself, and the changed ones spread uniformly over the other C − 1 classes (chi-square, 8 d.o.f., p < 0.001)."""
+    labels = torch.arange(60000) % 10
+    noisy = S.noisy_labels(labels, 0.4, "symmetric", 10, torch.Generator().manual_seed(0))
+    changed = noisy != labels
+    assert abs(changed.double().mean().item() - 0.4) < 4 * math.sqrt(0.4 * 0.6 / 60000)
+    offsets = ((noisy - labels) % 10)[changed]  # 1..9: which other class
+    assert offsets.min() >= 1
+    counts = torch.bincount(offsets, minlength=10)[1:].double()
+    expected = changed.sum().item() / 9
+    assert ((counts - expected) ** 2 / expected).sum() < 27.88  # chi-square(8) at p = 0.001
+
+
+def test_pairflip_noise_moves_each_changed_label_to_the_next_class():
+    labels = torch.arange(5000) % 10
+    noisy = S.noisy_labels(labels, 0.45, "pairflip", 10, torch.Generator().manual_seed(1))
+    changed = noisy != labels
+    assert torch.equal(noisy[changed], (labels[changed] + 1) % 10)
+    assert abs(changed.double().mean().item() - 0.45) < 4 * math.sqrt(0.45 * 0.55 / 5000)
+
+
+@needs_fmnist
+def test_label_noise_is_the_same_for_every_seed_and_sampler_and_spares_the_test_labels():
+    base = TINY + ["--updates", "5", "--label-noise", "0.4"]
+    a, b = (S.prepare_data(S.resolve_config(S.parse_args(base + extra)), torch.device("cpu"))
+            for extra in (["--seed", "0"], ["--seed", "3", "--sampler", "random"]))
+    clean = S.prepare_data(S.resolve_config(S.parse_args(TINY + ["--updates", "5"])), torch.device("cpu"))
+    assert torch.equal(a["y_train"], b["y_train"]) and torch.equal(a["x_train"], clean["x_train"])
+    assert torch.equal(a["y_clean"], clean["y_train"]) and torch.equal(a["y_test"], clean["y_test"])
+    assert 0.3 < (a["y_train"] != a["y_clean"]).double().mean() < 0.5
+
+
+@needs_fmnist
+def test_label_precision_of_the_first_pass_is_the_share_of_correct_labels(tmp_path):
+    args = TINY + ["--updates", "20", "--label-noise", "0.4", "--sampler", "spl", "--f-max", "0.5", "--f0", "0.4"]
+    r = cli(args, tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    data = S.prepare_data(S.resolve_config(S.parse_args(args)), torch.device("cpu"))
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[0]["label_precision"] == pytest.approx((data["y_train"] == data["y_clean"]).double().mean().item())
+    assert all(m["selected_frac"] <= 0.5 for m in metrics[1:])  # --f-max 0.5: SPL keeps at most the 0.5-quantile
+
+
 # ---- 4. networks -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,size,channels", [("lenet", 28, 1), ("vgg16", 28, 1), ("resnet18", 32, 3),
                                                 ("wrn-10-2", 32, 3)])
@@ -590,7 +634,7 @@ def test_embed_loss_runs_spladvise_end_to_end_and_judges_each_index(tmp_path, lo
     """--embed-loss X: the child trains that objective, the curriculum selects on its clusters, and every
     published index carries soft-vote accuracy, Recall@1 and NMI; Smart Mining logs its margin and share."""
     out = tmp_path / loss_name
-    r = cli(TINY + ["--updates", "60", "--embed-loss", loss_name], out)
+    r = cli(TINY + ["--updates", "150", "--embed-loss", loss_name], out)
     assert r.returncode == 0, r.stderr
     selecting = [m for m in read_metrics(out) if m["selected_frac"] < 1 and m["embed_version"]]
     assert selecting and all(0 < m["embed_recall1"] <= 1 and 0 <= m["embed_nmi"] <= 1 for m in selecting)
@@ -740,27 +784,98 @@ def test_infobatch_rescaled_gradient_is_unbiased_on_a_linear_model():
     assert ((kept @ per_sample).mean(0) - full).abs().max() > 40 * se.max()
 
 
+def test_f_max_caps_the_quantile_and_the_rank_pace():
+    """--f-max F: f_t = min(F, f0 (1+β1)^t): λ_t stays the F-quantile however late t, the rank pace's K_t stays
+    ⌈F · mean cluster size⌉, and the pace never keeps every sample."""
+    gen = torch.Generator().manual_seed(0)
+    losses, groups = torch.rand(1000, generator=gen, dtype=torch.float64), torch.arange(1000) % 5
+    lam, _ = S.spld_pace(losses, 30, "quantile", 0.7, 0.5, 0.1, 0.1, f_max=0.6)
+    assert lam == pytest.approx(torch.quantile(losses, 0.6).item())
+    assert (losses < lam).double().mean() == pytest.approx(0.6, abs=0.002)
+    lam_k, _ = S.spld_pace(losses, 30, "rank", 0.7, 0.0, 0.1, 0.1, groups=groups, f_max=0.6)
+    assert int(S.spld_select(losses, groups, lam_k, 0.0).sum()) == 5 * 120  # K_t = 0.6 · 200 per cluster
+    assert not S.pace_keeps_all(30, "quantile", 0.7, 0.1, f_max=0.6) and S.pace_keeps_all(30, "quantile", 0.7, 0.1)
+
+
+def loop_inputs(sampler, n=500, **flags):
+    cfg = dataclasses.replace(S.Config(), sampler=sampler, batch_size=50, **flags)
+    y = torch.arange(n) % 5
+    return cfg, S.LoopState(budget=100, epochs=S.Fraction(10)), {"y_train": y, "y_clean": y}
+
+
+def test_random_pace_trains_on_uniform_subsets_of_the_quantile_pace_size_without_scoring():
+    """--sampler random-pace (Wu et al.'s control, NOTES §10): from the second pass, round(f_t · N) distinct samples,
+    f_t = min(f_max, f0 (1+β1)^t), drawn uniformly (each sample's inclusion count over 400 draws is binomial:
+    chi-square over the samples); no scoring pass (net=None would fail), t_score 0."""
+    cfg, st, data = loop_inputs("random-pace", f0=0.3, f_max=0.8)
+    assert len(S.choose_pass(cfg, st, None, data, None, 0)["idx"]) == 500  # the first pass: every sample
+    sizes = []
+    for t in range(15):
+        st.passes = 1 + t
+        chosen = S.choose_pass(cfg, st, None, data, None, 0)
+        sizes.append(len(chosen["idx"]))
+        assert chosen["t_score"] == 0 and len(set(chosen["idx"].tolist())) == len(chosen["idx"])
+    assert sizes == [round(min(0.8, 0.3 * 1.1 ** t) * 500) for t in range(15)]
+    torch.manual_seed(0)
+    st.passes, counts = 1, torch.zeros(500)
+    for _ in range(400):
+        counts[S.choose_pass(cfg, st, None, data, None, 0)["idx"]] += 1  # t = 0: 150 of 500
+    chi2 = ((counts - 400 * 0.3) ** 2 / (400 * 0.3 * 0.7)).sum().item()
+    assert 500 - 4 * math.sqrt(1000) < chi2 < 500 + 4 * math.sqrt(1000)  # about chi-square(499): sd 31.6
+
+
+def cross_entropy(logits, y):
+    return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+
+def test_scores_for_eq2_are_float32_whatever_amp_says_where_bf16_logits_would_tie():
+    """--amp on: the selection is the one --amp off gives, on a case where bf16 logits tie (logits 8 + 1e-3 x: one
+    bf16 value, 40 float32 ones), where selecting on bf16 losses would break the ties by index instead."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    with torch.no_grad():
+        net[1].weight.zero_()
+        net[1].bias.copy_(torch.tensor([8.0, 0.0, 0.0]))
+        net[1].weight[0, 0] = 1e-3
+    x = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 2, 2) * 6
+    data = {"x_train": x, "y_train": torch.ones(40, dtype=torch.long), "mean": torch.zeros(1, 1, 1, 1),
+            "std": torch.ones(1, 1, 1, 1)}
+    data["y_clean"] = data["y_train"]
+    bf16 = cross_entropy(S.forward_all(net, x, data["mean"], data["std"], 16, amp=True), data["y_train"])
+    fp32 = cross_entropy(S.forward_all(net, x, data["mean"], data["std"], 16), data["y_train"])
+    assert len(bf16.unique()) < 5 and len(fp32.unique()) == 40  # a real tie in bf16
+    picks = []
+    for amp in ("on", "off"):
+        cfg = dataclasses.replace(S.Config(), sampler="spl", amp=amp, score_batch=16, f0=0.5, batch_size=10)
+        picks.append(S.choose_pass(cfg, S.LoopState(100, S.Fraction(10), passes=1), net, data, None, 0)["idx"])
+    assert torch.equal(picks[0], picks[1])
+    assert torch.equal(picks[0], (fp32 < torch.quantile(fp32, 0.5)).nonzero().flatten()) and len(picks[0]) == 20
+    one = torch.zeros(40, dtype=torch.long)
+    assert not torch.equal(S.spld_select(bf16, one, torch.quantile(bf16, 0.5).item(), 0.0),
+                           S.spld_select(fp32, one, torch.quantile(fp32, 0.5).item(), 0.0))
+
+
 # ---- 10-11. the training system, end to end on real Fashion-MNIST ----------------------------------------
 @needs_fmnist
 def test_process_mode_trains_while_the_embedding_child_publishes_new_indexes(tmp_path):
     """Alg. 2 step 2: the child trains in parallel and publishes indexes; the student reads several versions;
     outputs are well formed; accuracy is far above chance (10 %); the child is gone afterwards."""
     out = tmp_path / "run"
-    r = cli(TINY + ["--updates", "80", "--refresh", "3"], out)
+    r = cli(TINY + ["--updates", "200", "--refresh", "3"], out)  # the child's start and warm-up take seconds
     assert r.returncode == 0, r.stderr
     metrics = read_metrics(out)
     versions = [m["embed_version"] for m in metrics if m["embed_version"] is not None]
     assert len(set(versions)) >= 2 and max(versions) >= 2, versions
-    keys = {"updates", "epoch", "train_loss", "test_acc", "selected_frac", "clusters_used", "embed_version",
-            "embed_acc", "wall_s", "t_train", "t_score", "t_select"}
+    keys = {"updates", "epoch", "train_loss", "test_acc", "selected_frac", "label_precision", "clusters_used",
+            "embed_version", "embed_acc", "wall_s", "t_train", "t_score", "t_select", "t_embed", "t"}
     assert all(keys <= set(m) for m in metrics)
-    assert [m["updates"] for m in metrics] == sorted({m["updates"] for m in metrics}) and metrics[-1]["updates"] == 80
+    assert [m["updates"] for m in metrics] == sorted({m["updates"] for m in metrics}) and metrics[-1]["updates"] == 200
     assert metrics[0]["selected_frac"] == 1.0 and min(m["selected_frac"] for m in metrics) < 1.0
     summary = json.load(open(out / "summary.json"))
-    assert summary["updates"] == 80 and summary["complete"] and summary["final_acc"] > 0.4
+    assert summary["updates"] == 200 and summary["complete"] and summary["final_acc"] > 0.4
+    assert summary["embed_cpu_s"] > 0 and summary["cpu_s"] > 0
     assert json.load(open(out / "config.json"))["sampler"] == "spladvise"
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
-    assert ckpt["state"]["updates"] == 80 and ckpt["embedding"]["net"] and ckpt["index"]["assign"].shape == (600,)
+    assert ckpt["state"]["updates"] == 200 and ckpt["embedding"]["net"] and ckpt["index"]["assign"].shape == (600,)
     pid = int(r.stdout.split("[embedding] pid=")[1].split()[0])
     assert not pid_alive(pid)
 
@@ -770,23 +885,48 @@ def warmup_iterations(epochs, n=600, magnet_batch=16):
 
 
 @needs_fmnist
-@pytest.mark.parametrize("mode", ["process", "inline"])
-def test_every_curriculum_pass_runs_on_the_warmed_up_embedding(tmp_path, mode):
-    """--embed-warmup E: no pass that selects fewer than all samples uses an index computed before E embedding
-    epochs (ceil(N/64) iterations each); the student waits for it (t_embed) in process mode, trains it inline."""
-    out = tmp_path / mode
-    r = cli(TINY + ["--updates", "60", "--embed-warmup", "3", "--refresh", "10", "--embed-mode", mode], out)
+def test_the_student_never_waits_and_its_curriculum_starts_on_the_warmed_up_embedding(tmp_path):
+    """Alg. 2 step 2 in parallel: a warm-up (3 embedding epochs) that cannot finish within the first pass makes no
+    pass wait (t_embed < 1 s: reading the index only); the student trains on every sample until it arrives, the
+    curriculum starts at a later pass (t = 0 there), and every curriculum pass selects on an index from after the
+    warm-up, judged on the test set."""
+    out = tmp_path / "process"
+    r = cli(TINY + ["--updates", "200", "--embed-warmup", "3", "--refresh", "10", "--f0", "0.3"], out)
     assert r.returncode == 0, r.stderr
     metrics = read_metrics(out)
-    curriculum = [m for m in metrics if m["selected_frac"] < 1]
-    assert curriculum and all(m["embed_iter"] >= warmup_iterations(3) and m["embed_acc"] is not None
-                              for m in curriculum), [(m["embed_iter"], m["embed_acc"]) for m in curriculum]
+    assert all(m["t_embed"] < 1 and m["t_embed_train"] == 0 for m in metrics), [m["t_embed"] for m in metrics]
+    start = json.load(open(out / "summary.json"))["curriculum_start"]
+    assert start >= 2 and f"curriculum starts at pass {start + 1}" in r.stdout
+    assert all(m["selected_frac"] == 1 and m["t"] is None for m in metrics[:start])
+    curriculum = metrics[start:]
+    assert [m["t"] for m in curriculum] == list(range(len(curriculum))) and curriculum[0]["selected_frac"] < 1
+    assert all(m["embed_iter"] >= warmup_iterations(3) and m["embed_acc"] is not None for m in curriculum)
     assert curriculum[0]["embed_version"] >= 1 + warmup_iterations(3) // 10  # refreshed every R on the way
 
 
 @needs_fmnist
+def test_inline_mode_trains_the_warm_up_itself_as_work_and_selects_from_the_second_pass(tmp_path):
+    out = tmp_path / "inline"
+    r = cli(TINY + ["--updates", "60", "--embed-warmup", "3", "--refresh", "10", "--embed-mode", "inline"], out)
+    assert r.returncode == 0, r.stderr
+    metrics = read_metrics(out)
+    assert metrics[1]["t_embed_train"] > 0 and all(m["t_embed"] == 0 for m in metrics)
+    assert metrics[1]["selected_frac"] < 1 and metrics[1]["embed_iter"] == warmup_iterations(3)
+
+
+@needs_fmnist
+def test_a_warm_up_that_never_arrives_leaves_random_sampling_and_says_so(tmp_path):
+    out = tmp_path / "late"
+    r = cli(TINY + ["--updates", "20", "--embed-warmup", "1000"], out)
+    assert r.returncode == 0, r.stderr
+    summary = json.load(open(out / "summary.json"))
+    assert summary["curriculum_start"] is None and "random sampling" in summary["note"] and "random sampling" in r.stdout
+    assert all(m["selected_frac"] == 1 and m["t_score"] == 0 for m in read_metrics(out))
+
+
+@needs_fmnist
 def test_embed_warmup_0_selects_on_the_first_index_it_finds(tmp_path):
-    r = cli(TINY + ["--updates", "30", "--embed-warmup", "0"], tmp_path / "run")
+    r = cli(TINY + ["--updates", "150", "--embed-warmup", "0"], tmp_path / "run")
     assert r.returncode == 0, r.stderr
     assert any(m["selected_frac"] < 1 and m["embed_version"] >= 1 for m in read_metrics(tmp_path / "run"))
 
@@ -797,11 +937,11 @@ def test_refresh_minus_1_freezes_the_index_after_the_warmup(tmp_path, mode):
     """--refresh -1 (the authors' schedule): every selection uses the one index published at the end of the
     warm-up; in process mode the child is stopped once the student has it."""
     out = tmp_path / mode
-    r = cli(TINY + ["--updates", "60", "--embed-warmup", "1", "--refresh", "-1", "--f0", "0.3",
-                    "--embed-mode", mode], out)
+    r = cli(TINY + ["--updates", "150" if mode == "process" else "60", "--embed-warmup", "1", "--refresh", "-1",
+                    "--f0", "0.3", "--embed-mode", mode], out)
     assert r.returncode == 0, r.stderr
     metrics = read_metrics(out)
-    used = {(m["embed_version"], m["embed_iter"]) for m in metrics[1:]}  # every pass after the first, all-sample one
+    used = {(m["embed_version"], m["embed_iter"]) for m in metrics if m["t"] is not None}  # every curriculum pass
     assert used == {(2, warmup_iterations(1))}, used  # version 1 is the untrained net's, 2 the warm-up's
     assert any(m["selected_frac"] < 1 for m in metrics)
     assert mode == "inline" or "the index is frozen" in r.stdout
@@ -819,8 +959,10 @@ def test_after_the_curriculum_no_scoring_and_the_child_has_exited_while_the_stud
     wait_for_line(proc, "pass=", 60)  # the student trains on after the child is gone
     assert proc.wait(120) == 0, proc.stderr.read()
     metrics = read_metrics(out)
-    assert [m["selected_frac"] < 1 for m in metrics[:3]] == [False, True, True]
-    assert all(m["t_score"] == 0 and m["selected_frac"] == 1 for m in metrics[3:]) and len(metrics) > 6
+    selecting = [i for i, m in enumerate(metrics) if m["selected_frac"] < 1]
+    assert len(selecting) == 2 and selecting[1] == selecting[0] + 1 and metrics[selecting[0]]["t"] == 0
+    assert all(m["t_score"] == 0 and m["selected_frac"] == 1 for m in metrics[selecting[1] + 1:])
+    assert len(metrics) > selecting[1] + 3
 
 
 def test_next_refresh_follows_r_and_ends_the_warmup_exactly():
@@ -939,41 +1081,55 @@ def plots_or_exit_2(argv, out, capsys, monkeypatch):
 @needs_fmnist
 def test_plot_draws_the_accuracy_curves_and_the_embedding_of_a_runs_folder(tmp_path, capsys, monkeypatch):
     """--plot with --runs 2: curves.png from aggregate.json, embedding.png from the first seed's snapshots (one
-    per published index, 50 test images of each class); --plot --out DIR redraws them without training."""
+    per judged index, 50 test images of each class); --plot --out DIR redraws them without training."""
     out = tmp_path / "runs"
-    plots_or_exit_2(TINY + ["--updates", "40", "--runs", "2", "--plot"], out, capsys, monkeypatch)
+    plots_or_exit_2(TINY + ["--updates", "40", "--runs", "2", "--plot", "--embed-mode", "inline"], out, capsys,
+                    monkeypatch)
     snapshots = sorted((out / "seed-0" / "embeddings").glob("v*.pt"))
     assert len(snapshots) >= 2
     first = torch.load(snapshots[0], weights_only=False)
     assert first["emb"].shape == (300, 8) and torch.equal(torch.bincount(first["labels"]), torch.full((10,), 30))
 
 
-def test_bench_tables_and_curves_show_what_infobatch_saved(tmp_path, capsys):
-    """Benchmark rendering on made-up runs: the cost table gives each row's mean updates and wall seconds, and the
-    curves stop where InfoBatch's runs stopped (nothing measured after); --plot draws them from bench.json."""
-    def run(updates_per_pass, acc, wall_per_update):
+def test_bench_table_and_curves_show_what_each_row_cost_and_selected(tmp_path, capsys):
+    """Benchmark rendering on made-up runs: accuracy mean ± std over seeds, updates to reach random's final, the
+    update where the curriculum started, the label precision of its curriculum passes, seconds per 1,000 updates
+    against random with the per-phase split and the embedding's CPU share; the curves stop where InfoBatch's runs
+    stopped (nothing measured after); --plot draws them from bench.json."""
+    def run(updates_per_pass, acc, wall_per_update, start=None, precision=1.0):
         u = np.cumsum(updates_per_pass)
-        return [{"updates": int(x), "test_acc": acc * x / u[-1], "wall_s": wall_per_update * x, "t_train": 0.0,
-                 "t_score": 0.0, "t_embed": 0.0, "t_select": 0.0, "selected_frac": 1.0, "embed_version": None}
-                for x in u]
+        return [{"updates": int(x), "test_acc": acc * x / u[-1], "wall_s": wall_per_update * x, "t_train": 0.5,
+                 "t_score": 0.25 if start is not None and i >= start else 0.0, "t_select": 0.0, "t_embed": 0.0,
+                 "t": None if start is None or i < start else i - start, "label_precision": precision if start
+                 is not None and i >= start else 0.6, "selected_frac": 1.0, "embed_acc": None}
+                for i, x in enumerate(u)]
     metrics = {"random": [run([10] * 8, 0.8, 1.0), run([10] * 8, 0.9, 1.0)],
+               "spl": [run([10] * 8, 0.9, 2.0, start=2, precision=0.9), run([10] * 8, 0.9, 2.0, 3, 0.8)],
                "infobatch": [run([10, 6, 6, 6, 6, 6, 6, 10], 0.8, 1.0), run([10, 7, 7, 7, 7, 7, 7, 10], 0.8, 1.0)]}
     for row, runs in metrics.items():
         for seed, m in enumerate(runs):
             folder = tmp_path / row / f"seed-{seed}"
             folder.mkdir(parents=True)
             (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in m))
-            (folder / "summary.json").write_text(json.dumps({"final_acc": m[-1]["test_acc"], "best_acc": m[-1][
-                "test_acc"], "updates": m[-1]["updates"], "wall_s": m[-1]["wall_s"], "budget": 80}))
+            start = next((i for i, r in enumerate(m) if r["t"] == 0), None)
+            (folder / "summary.json").write_text(json.dumps({
+                "final_acc": m[-1]["test_acc"], "best_acc": m[-1]["test_acc"], "updates": m[-1]["updates"],
+                "wall_s": m[-1]["wall_s"], "budget": 80, "curriculum_start": start, "cpu_s": 40.0,
+                "embed_cpu_s": 10.0 if start else 0.0}))
     results = {row: S.aggregate_runs([str(tmp_path / row / f"seed-{s}") for s in (0, 1)]) for row in metrics}
-    for row, r in results.items():
-        r["metrics"] = metrics[row]
-    cost = S.cost_table(results)
-    assert "| random | 80 | 80.0 | 1000.0 | 1.00 |" in cost and "| infobatch | 59 | 59.0 | 1000.0 | 1.00 |" in cost
+    table = S.bench_table(results).splitlines()
+    assert table[2].startswith("| random | 0.8500 ± 0.0707 | 0.8500 ± 0.0707 | 80 (1/2) | — | 0.600 | 1000.0 (1.00) |"
+                               " 50.0 | 0.0 | 0.0 | 0.0 | 0.00 | — | — |"), table[2]
+    # spl: random's 0.85 at 80 updates (0.9 · 76/80 ≥ 0.85 first at 80), curriculum from updates 20 and 30, its passes'
+    # precision 0.9 and 0.8, twice random's wall time, scoring 0.25 s on 6 and 5 of 8 passes, CPU share 10 / 40
+    assert table[3] == ("| spl | 0.9000 ± 0.0000 | 0.9000 ± 0.0000 | 80 (2/2) | 25 | 0.850 | 2000.0 (2.00) | 50.0 | "
+                        "17.2 | 0.0 | 0.0 | 0.25 | — | — |"), table[3]
+    assert table[4].startswith("| infobatch |") and "| 1000.0 (1.00) |" in table[4]
     curve = results["infobatch"]["curve"]
     measured = [u for u, a in zip(curve["updates"], curve["test_acc_mean"]) if not math.isnan(a)]
     assert measured[-1] == 56 and curve["updates"][-1] == 80  # after 56 (the shorter seed's end): nothing
-    (tmp_path / "bench.json").write_text(json.dumps({"results": results}))
+    (tmp_path / "bench.json").write_text(json.dumps({"results": {row: {k: v for k, v in r.items() if k != "metrics"}
+                                                                  for row, r in results.items()}}))
     curves = S.accuracy_curves(str(tmp_path))
     assert curves["infobatch"][0][-1] == measured[-1] and curves["random"][0][-1] == 80
     assert curves["random"][1][-1] == pytest.approx(0.85) and curves["random"][2][-1] == pytest.approx(0.0707, 1e-3)
@@ -985,20 +1141,48 @@ def test_bench_tables_and_curves_show_what_infobatch_saved(tmp_path, capsys):
     assert (tmp_path / "curves.png").stat().st_size > 10_000 and not (tmp_path / "embedding.png").exists()
 
 
+def test_bench_regimes_are_data_and_every_spl_row_paces_as_the_authors_code():
+    """The benchmark's rows are flags on Config: the regimes share the six rows (random, random-pace, spl, spld,
+    spladvise, infobatch); the noisy one adds 40 % symmetric noise and the rows capped at f_max = 1 − 0.4; the short one
+    a quarter of the budget; no row changes the pacing, which stays at the authors' f0 = 0.7, β = 0.1 (NOTES §8)."""
+    common = {"random", "random-pace", "spl", "spld", "spladvise", "infobatch"}
+    assert all(common <= set(rows) for _, _, rows in S.BENCH_REGIMES.values())
+    factor, change, rows = S.BENCH_REGIMES["noisy"]
+    assert change == {"label_noise": 0.4} and {r["f_max"] for r in rows.values() if "f_max" in r} == {0.6}
+    assert S.BENCH_REGIMES["short"][0] == 0.25 and S.BENCH_REGIMES["clean"][0] == 1
+    for _, change, rows in S.BENCH_REGIMES.values():
+        for flags in [change, *rows.values()]:
+            cfg = dataclasses.replace(S.Config(), **flags)
+            assert (cfg.f0, cfg.beta1, cfg.beta2, cfg.rho0) == (0.7, 0.1, 0.1, 0.5)
+
+
 @needs_fmnist
-def test_bench_embedding_phase_trains_each_objective_through_the_warm_up_and_reuses_its_table(tmp_path):
-    """Bench phase 3: every --embed-loss is trained for the warm-up's iterations (refreshed every R on the way) and
-    judged on the test set; a second call with the same config reads the saved table instead of training."""
-    cfg = S.resolve_config(S.parse_args(TINY + ["--updates", "30", "--refresh", "5", "--embed-warmup", "0.5"]))
-    table = S.embedding_quality(cfg, str(tmp_path))
-    rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
-    assert [r[0].strip() for r in rows] == list(S.CHOICES["embed_loss"])
-    warmup = cfg.warmup_iterations(600)  # ceil(0.5 · ceil(600 / 16)) = 19: refreshes at 5, 10, 15 and 19
-    assert warmup == 19 and all(int(r[1]) == warmup for r in rows)
-    assert all(0.1 < float(r[i]) <= 1 for r in rows for i in (2, 3)) and all(0 < float(r[4]) <= 1 for r in rows)
-    assert len(list((tmp_path / "magnet" / "embeddings").glob("v*.pt"))) == 5  # the first index and 4 refreshes
-    (tmp_path / "quality.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "table": "saved"}))
-    assert S.embedding_quality(cfg, str(tmp_path)) == "saved"
+def test_paper_preset_with_amp_runs_on_the_cpu_in_process_mode_and_resumes(tmp_path):
+    """The GPU command's code path, on the CPU: --preset paper (ResNet-18 student, LeNet embedding, flips and
+    rotations), the embedding child, bf16 autocast (--amp on) everywhere it applies; stopped by --max-minutes and
+    resumed to the same budget from a checkpoint loaded to the CPU."""
+    out = tmp_path / "paper"
+    args = ["--dataset", "fashionmnist", "--preset", "paper", "--gpu", "-1", "--data-dir", FMNIST, "--no-download",
+            "--train-size", "300", "--test-size", "100", "--batch-size", "32", "--score-batch", "128", "--k", "3",
+            "--m", "4", "--d", "4", "--embed-warmup", "0.5", "--updates", "24", "--amp", "on", "--f0", "0.5"]
+    first = cli(args + ["--max-minutes", "0.1"], out)
+    assert first.returncode == 0, first.stderr
+    config = json.load(open(out / "config.json"))
+    assert (config["student"], config["embed_net"], config["amp"], config["embed_mode"]) == \
+        ("resnet18", "lenet", "on", "process") and "[embedding] pid=" in first.stdout
+    assert not json.load(open(out / "summary.json"))["complete"]
+    resumed = cli(args + ["--resume"], out)
+    assert resumed.returncode == 0, resumed.stderr
+    summary, metrics = json.load(open(out / "summary.json")), read_metrics(out)
+    assert summary["complete"] and summary["updates"] == 24 and [m["updates"] for m in metrics][-1] == 24
+    assert all(math.isfinite(m["train_loss"]) for m in metrics)
+
+
+@needs_fmnist
+def test_compile_trains_a_tiny_run(tmp_path):
+    r = cli(TINY + ["--updates", "10", "--sampler", "spl", "--compile"], tmp_path / "run", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(tmp_path / "run" / "summary.json"))["complete"]
 
 
 # ---- reliability: every failure ends cleanly, loses nothing, says what happened --------------------------
@@ -1127,6 +1311,11 @@ def run_main(argv, capsys):
     (["--embed-net", "alexnet"], "'alexnet'"),
     (["--sampler", "greedy"], "'greedy'"),
     (["--prune-ratio", "1"], "--prune-ratio must be in [0, 1)"),
+    (["--label-noise", "1"], "--label-noise must be in [0, 1)"),
+    (["--f-max", "0"], "--f-max must be in (0, 1]"),
+    (["--noise-kind", "asym"], "'asym'"),
+    (["--amp", "fp16"], "'fp16'"),
+    (["--embed-net", "lenet-0"], "'lenet-0'"),
     (["--anneal", "1.5"], "--anneal must be in [0, 1]"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--lr", "-0.1"], "--lr must be positive"),
@@ -1214,10 +1403,12 @@ COPY_CHECKS = {  # block -> a call on a tiny input; the copy must give what the 
     "class_balanced_batch": lambda f: f([torch.arange(5), torch.arange(5, 7)], 2, 3, torch.Generator().manual_seed(0)),
     "recall_at_1": lambda f: torch.tensor(f(*tiny_index(), chunk=16)),
     "nmi": lambda f: torch.tensor(f(tiny_index()[1].flip(0), tiny_index()[1])),
+    "noisy_labels": lambda f: f(torch.arange(30) % 3, 0.5, "symmetric", 3, torch.Generator().manual_seed(0)),
     "infobatch_select": lambda f: f(tiny_index()[0][:, 0], 0.5, 0.3, generator=torch.Generator().manual_seed(0))[0],
     "pace_keeps_all": lambda f: torch.tensor(f(9, "rank", 0.3, 0.2, torch.tensor([5, 9, 4]))),
     "magnet_predict": lambda f: f(tiny_index()[0], tiny_index()[0][:6], torch.arange(6) % 3, 1.0, 3),
-    "make_net": lambda f: torch.cat([net_output(f, name) for name in ("lenet", "vgg16", "resnet18", "wrn-10-1")]),
+    "make_net": lambda f: torch.cat([net_output(f, name) for name in ("lenet", "lenet-8", "vgg16", "resnet18",
+                                                                       "wrn-10-1")]),
 }
 
 
@@ -1272,6 +1463,21 @@ def test_cuda_kmeans_magnet_and_spld_match_the_cpu():
     losses, groups = torch.rand(1000, dtype=torch.float64), torch.randint(0, 7, (1000,))
     assert torch.equal(S.spld_select(losses.cuda(), groups.cuda(), 0.4, 0.3).cpu(),
                        S.spld_select(losses, groups, 0.4, 0.3))
+
+
+@needs_cuda
+@needs_fmnist
+def test_cuda_run_resumes_on_the_cpu_and_a_cpu_run_on_the_gpu(tmp_path):
+    """Checkpoints load to the CPU first: a run stopped on the GPU finishes on the CPU, and one stopped on the CPU
+    finishes on the GPU (with --amp auto there)."""
+    for first, second in (("0", "-1"), ("-1", "0")):
+        out = tmp_path / f"from{first}"
+        args = TINY + ["--updates", "60", "--preset", "cpu"]
+        gpu = lambda g: [a if a != "-1" else g for a in args]
+        assert cli(gpu(first) + ["--max-minutes", "0.05"], out).returncode == 0
+        r = cli(gpu(second) + ["--resume"], out)
+        assert r.returncode == 0, r.stderr
+        assert json.load(open(out / "summary.json"))["updates"] == 60
 
 
 @needs_cuda
