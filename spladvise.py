@@ -131,7 +131,8 @@ class Config:
     embed_loss: str = "magnet"  # magnet (Eq. 1) | osm_caa | triplet_global | dml_crc (paper §5, NOTES §6)
     triplet_target: float = 0.5  # triplet_global: share of mined triplets with a non-zero hinge the margin tracks
     refresh: int = 0  # R, embedding iterations between index refreshes; 0 = one embedding epoch; -1 = frozen
-    embed_warmup: float | None = None  # embedding epochs before the first selection (paper preset 5; cpu 3)
+    embed_warmup: float | None = None  # embedding epochs before the first selection (paper preset 5; cpu 4)
+    embed_share: float | None = None  # after its warm-up the child trains this share of the time (cpu preset 0.25)
     kmeans_iters: int = 20  # Lloyd iterations per K-Means++ run
     neighbours: int = 8  # L, nearest cluster centres in the embedding's soft-vote classifier
     # pace (Alg. 2 step 16, NOTES §3)
@@ -184,7 +185,8 @@ PRESETS = {
         "cifar100": dict(student="wrn-28-10", embed_net="vgg16", batch_size=128, lr=0.1, updates=78000,
                          augment="none", dropout=0.3, milestones="0.3,0.6,0.8", score_batch=1024),
     },
-    "cpu": {name: dict(student="lenet", embed_net="lenet-16", embed_lr=1e-3, embed_warmup=4, batch_size=128,
+    "cpu": {name: dict(student="lenet", embed_net="lenet-16", embed_lr=1e-3, embed_warmup=4, embed_share=0.25,
+                       batch_size=128,
                        lr=0.01, epochs=8, dropout=0.0,
                        augment="shift=2" if name in ("mnist", "svhn") else "hflip,shift=2",  # digits never flip
                        milestones="0.7", embed_dim=32, train_size=20000, score_batch=256)
@@ -1100,13 +1102,15 @@ def embedding_catch_up(state: dict, data: dict, cfg: Config) -> dict | None:
     return index
 
 
-def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_going=lambda: True):
+def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_going=lambda: True, share=1.0):
     """Alg. 1 steps 3-7 for n_iters iterations: a batch, its loss, an Adam step; the Magnet Loss also records the
-    per-example losses for the next seed draws. One device sync per iteration."""
+    per-example losses for the next seed draws. One device sync per iteration. share < 1: sleep after each
+    iteration so that training takes that share of the wall time (the child's CPU share after its warm-up)."""
     device = next(state["net"].parameters()).device
     for _ in range(n_iters):
         if not keep_going():
             return
+        t0 = time.time()
         loss, magnet = embedding_batch_loss(state, data, cfg, device)
         state["opt"].zero_grad(set_to_none=True)
         loss.backward()
@@ -1121,6 +1125,7 @@ def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_goi
             state["sampler"].record(magnet[0], values[2:])
             state["sigma2_sum"] += float(values[1])  # σ̄², the running mean of σ² used by magnet_predict
             state["sigma2_count"] += 1
+        time.sleep((time.time() - t0) * (1 / share - 1))
 
 
 def embedding_batch_loss(state: dict, data: dict, cfg: Config, device):
@@ -1243,8 +1248,9 @@ def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, error
             target = next_refresh(state["iteration"], every, warmup)
             while target is None and keep_going():  # frozen after the warm-up: wait to be stopped
                 time.sleep(0.1)
-            if target is not None:
-                embedding_train(state, data, cfg, target - state["iteration"], keep_going)
+            if target is not None:  # after the warm-up, a bounded share of its core (--embed-share)
+                embedding_train(state, data, cfg, target - state["iteration"], keep_going,
+                                1.0 if state["iteration"] < warmup else cfg.embed_share)
             if keep_going():  # Alg. 1 step 2, every R iterations; judged once a curriculum may use it
                 index = embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
         shared["status"][-1] = time.process_time()  # its CPU seconds, read once it has stopped
@@ -1493,6 +1499,20 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, cores: int):
     return handle, None, index
 
 
+def newest_index(cfg: Config, st: LoopState, handle, estate, data: dict, index, warmup: int, cores: int):
+    """Alg. 2 step 2 before a pass: the child's newest index from after its warm-up (read, never waited for), or
+    inline the embedding's next stretch of training. Once the warm-up's index is in and the child only takes
+    --embed-share of its core, the student takes every core."""
+    if handle is not None:
+        newest = latest_index(handle, warmup, index)
+        if cfg.embed_share < 1 and newest is not None and (index is None or index["iteration"] < warmup):
+            torch.set_num_threads(cores)
+        return newest
+    if estate is not None and st.passes > 0:
+        return embedding_catch_up(estate, data, cfg) or index
+    return index
+
+
 def retire_embedding(handle: dict, st: LoopState, cores: int, why: str) -> None:
     """Stop the child for good once no later pass needs a new index, and give its cores to the student."""
     st.embed_cpu_s += stop_embedding_process(handle)
@@ -1624,10 +1644,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             t0 = time.time()
             # Alg. 2 step 2: the newest clusters from after the embedding's warm-up, never waited for (inline
             # mode trains the embedding here instead: work, not waiting)
-            if handle is not None:
-                index = latest_index(handle, warmup, index)
-            elif estate is not None and st.passes > 0:
-                index = embedding_catch_up(estate, data, cfg) or index
+            index = newest_index(cfg, st, handle, estate, data, index, warmup, cores)
             t_embed = time.time() - t0
             # Alg. 2 steps 5-13, 16: this pass's samples and weights (Eq. 2 for the curricula)
             chosen = choose_pass(cfg, st, net, data, index, warmup)
@@ -1982,7 +1999,7 @@ def resolve_config(cfg: Config) -> Config:
         raise ConfigError(f"--dataset {cfg.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
     preset = cfg.preset if cfg.preset != "auto" else ("paper" if gpu.startswith("cuda") else "cpu")
     budget_given = cfg.updates is not None or cfg.epochs is not None
-    values = {"embed_dim": 64, "embed_lr": 1e-4, "embed_warmup": 5.0, "train_size": 0, "test_size": 0, "updates": 0, "epochs": 0,
+    values = {"embed_dim": 64, "embed_lr": 1e-4, "embed_warmup": 5.0, "embed_share": 1.0, "train_size": 0, "test_size": 0, "updates": 0, "epochs": 0,
               **PRESETS[preset][cfg.dataset], **(BENCH_CPU if cfg.bench and preset == "cpu" else {})}
     defaults = {k: v for k, v in values.items()
                 if getattr(cfg, k) is None and not (budget_given and k in ("updates", "epochs"))}
@@ -2012,7 +2029,7 @@ RANGES = [  # (flags, test, the rule a message states)
      lambda v: v > 0, "must be positive"),
     (("train_size", "test_size", "val_size", "updates", "epochs", "max_minutes", "embed_warmup", "rho0", "beta1",
       "beta2", "alpha", "weight_decay", "momentum"), lambda v: v >= 0, "must be >= 0"),
-    (("f0", "f_max"), lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    (("f0", "f_max", "embed_share"), lambda v: 0 < v <= 1, "must be in (0, 1]"),
     (("dropout", "prune_ratio", "label_noise"), lambda v: 0 <= v < 1, "must be in [0, 1)"),
     (("anneal",), lambda v: 0 <= v <= 1, "must be in [0, 1] (a share of the epochs)"),
     (("triplet_target",), lambda v: 0 < v < 1, "must be in (0, 1)"),
