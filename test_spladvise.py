@@ -1313,6 +1313,7 @@ def run_main(argv, capsys):
     (["--prune-ratio", "1"], "--prune-ratio must be in [0, 1)"),
     (["--label-noise", "1"], "--label-noise must be in [0, 1)"),
     (["--f-max", "0"], "--f-max must be in (0, 1]"),
+    (["--embed-share", "1.5"], "--embed-share must be in (0, 1]"),
     (["--noise-kind", "asym"], "'asym'"),
     (["--amp", "fp16"], "'fp16'"),
     (["--embed-net", "lenet-0"], "'lenet-0'"),
