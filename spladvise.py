@@ -26,12 +26,12 @@ Run (the smallest first):
     python spladvise.py --dataset fashionmnist                                          # CPU preset or GPU paper preset
     python spladvise.py --dataset fashionmnist --gpu 0 --runs 3 --sampler random        # a baseline, 3 seeds
 
-What the defaults reproduce (README.md "Results" has the commands, commits and tables): not the paper's gain.
-On 2 CPU cores (torch 2.15.0), LeNet student on 5,000 Fashion-MNIST images, 400 updates, 5 seeds, the embedding
-warmed up for 15 epochs: random 81.68 ± 0.54, spladvise 80.89 ± 0.30 (frozen index 80.84 ± 0.38, the authors' rank
-pace 81.42 ± 0.39), SPLD 81.10 ± 0.36, SPL 80.81 ± 0.85, spladvise at 4.4x random's wall time (paper, 5 seeds:
-94.12 / 93.17 / 92.77); the InfoBatch baseline 81.44 ± 0.52 in random's epochs with 26 % fewer updates. The
-paper-scale GPU comparison with a trained embedding is not yet run.
+What the defaults reproduce (README.md "Results" has the commands, commit and tables): not the paper's gain.
+On 2 CPU cores (torch 2.14.1), LeNet student on 5,000 Fashion-MNIST images, 400 updates, 5 seeds, the authors'
+pacing: clean labels, random 81.71 ± 0.51, spladvise 80.44 ± 0.29, SPLD 81.10 ± 0.36, SPL 80.81 ± 0.85, random
+subsets of the same sizes 81.40 ± 0.44 (paper: 94.12 / 93.17 / 92.77); 40 % label noise with the pace capped at
+the clean share, SPL 79.02, SPLD 78.96, spladvise 78.49 against random 75.64; a quarter of the budget, SPL 68.88
+against random 73.36. spladvise costs 1.51x random's wall time; the paper-scale GPU comparison is not yet run.
 
 Deviations (each tagged `# DEVIATION:` where it is implemented):
     - Magnet Loss scales by 1/(2σ²), not the 1/(2σ⁴) of every public port (NOTES §1).
@@ -39,6 +39,7 @@ Deviations (each tagged `# DEVIATION:` where it is implemented):
     - Training budget and LR milestones count mini-batch updates, so every sampler gets equal updates.
     - --pace rank (the authors' count pace, NOTES §8): λ becomes one threshold per cluster.
     - --embed-loss triplet_global mines by exact nearest-neighbour search (Smart Mining used FANNG, approximate).
+    - The curriculum starts at the first pass after the embedding's warm-up index arrives; t counts from there.
 Not implemented: the pre-activation ResNet-18 of the authors' code (the paper names ResNet-18; we use the
 standard CIFAR form); multi-GPU training; reading SVHN's .mat files without scipy (torchvision's reader needs it);
 scoring from the last pass's training losses (the exact scoring pass is cheap once it runs channels_last).
@@ -192,7 +193,7 @@ PRESETS = {
                        milestones="0.7", embed_dim=32, train_size=20000, score_batch=256)
             for name in ("fashionmnist", "mnist", "svhn", "cifar10", "cifar100")},
 }
-BENCH_CPU = dict(train_size=5000, test_size=5000, epochs=10)  # ./run.sh bench on 2 cores: about 2 hours
+BENCH_CPU = dict(train_size=5000, test_size=5000, epochs=10)  # ./run.sh bench on 2 cores: 135 runs, 70 min
 
 
 # ---- 3. data ---------------------------------------------------------------------------------------------
@@ -592,10 +593,11 @@ def magnet_loss(r: torch.Tensor, classes: torch.Tensor, clusters: torch.Tensor, 
     if r.dim() != 2 or classes.shape != r.shape[:1] or clusters.shape != r.shape[:1]:
         raise ValueError(f"magnet_loss needs r (B, d), classes (B,), clusters (B,); got {tuple(r.shape)}, "
                          f"{tuple(classes.shape)}, {tuple(clusters.shape)}")
-    ids, m_of = torch.unique(clusters, return_inverse=True)  # (M,), (B,) batch cluster of each example
-    # non_blocking: a pageable host-to-device copy that does not wait for the queued forward (CUDA's async memcpy)
+    ids, m_of, counts = torch.unique(clusters, return_inverse=True, return_counts=True)  # (M,), (B,), (M,)
+    # non_blocking: host-to-device copies that do not wait for the queued forward (CUDA's async memcpy); counting
+    # on the device instead (bincount) would read its min and max back
     n_clusters, m_of = len(ids), m_of.to(r.device, non_blocking=True)
-    counts = torch.bincount(m_of, minlength=n_clusters).to(r.dtype)  # (M,)
+    counts = counts.to(r.device, r.dtype, non_blocking=True)  # (M,)
     mu = r.new_zeros(n_clusters, r.shape[1]).index_add(0, m_of, r) / counts[:, None]  # (M, d)
     mu_class = classes.new_zeros(n_clusters).scatter(0, m_of, classes)  # (M,)
     dist = (r[:, None, :] - mu[None, :, :]).pow(2).sum(-1)  # (B, M)
@@ -760,19 +762,20 @@ def triplet_margin_step(margin: float, active_share: float, target: float = 0.5,
     return margin * math.exp(rate * (target - active_share))
 
 
-def dml_crc_loss(z: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0, tau: float = 1.0) -> torch.Tensor:
+def dml_crc_loss(z: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0, tau: float = 1.0,
+                 n_classes: int | None = None) -> torch.Tensor:
     """DML-CRC (Chakraborti et al., arXiv:1905.01168; NOTES §6, UNSPECIFIED: no formulas were published). z (B, d) =
     A·f with A the learnt Mahalanobis factor (M = AᵀA). Each example's collaborative code over the other B − 1
     examples D: c = (DᵀD + κI)⁻¹Dᵀz_i; class residuals r_k = ‖z_i − D_k c_k‖² for the classes present among the
-    others; the loss is the mean cross-entropy of softmax(−r/τ) against y_i. Needs ≥ 2 examples of each class."""
-    b = len(z)
-    others = torch.arange(b, device=z.device).expand(b, b)[~torch.eye(b, dtype=torch.bool, device=z.device)]
-    others = others.view(b, b - 1)  # (B, B−1) every index but i
+    others; the loss is the mean cross-entropy of softmax(−r/τ) against y_i. Needs ≥ 2 examples of each class.
+    n_classes (C) given, nothing waits for the device."""
+    b, j = len(z), torch.arange(len(z) - 1, device=z.device)
+    others = j[None, :] + (j[None, :] >= torch.arange(b, device=z.device)[:, None]).long()  # (B, B−1) all but i
     dictionary = z[others]  # (B, B−1, d) row j of D_i: z of the j-th other example
     gram = dictionary @ dictionary.transpose(1, 2)  # (B, B−1, B−1) DᵀD
     eye = torch.eye(b - 1, dtype=z.dtype, device=z.device)
-    code = torch.linalg.solve(gram + ridge * eye, dictionary @ z[:, :, None])  # (B, B−1, 1) ridge solution c
-    onehot = F.one_hot(labels[others], int(labels.max()) + 1).to(z.dtype)  # (B, B−1, C)
+    code = torch.linalg.solve_ex(gram + ridge * eye, dictionary @ z[:, :, None])[0]  # (B, B−1, 1) ridge solution
+    onehot = F.one_hot(labels[others], n_classes or int(labels.max()) + 1).to(z.dtype)  # (B, B−1, C)
     recon = (onehot * code).transpose(1, 2) @ dictionary  # (B, C, d) D_k c_k for every class k
     residual = (z[:, None, :] - recon).pow(2).sum(2)  # (B, C)
     logits = torch.where(onehot.sum(1) > 0, -residual / tau, -math.inf)  # (B, C) absent classes never win
@@ -878,6 +881,21 @@ def pace_keeps_all(t: int, mode: str, f0: float, beta1: float, sizes: torch.Tens
     if mode == "quantile":
         return f >= 1
     return mode == "rank" and sizes is not None and rank_quota(f, sizes) >= int(sizes.max())
+
+
+def fixed_pixel_clusters(data: dict, k: int, iters: int, seed: int, max_bytes: int = 2 ** 28) -> torch.Tensor:
+    """SPLD baseline's groups (NOTES §4). UNSPECIFIED: per-class K-Means++ on normalised raw pixels, computed once;
+    where those would pass max_bytes as float32 (CIFAR, SVHN at full size), on a fixed Gaussian random projection
+    to the width that fits (distances kept within a few %, Johnson-Lindenstrauss), made in chunks. -> (N,)"""
+    x = data["x_train"]
+    n, dim = len(x), x[0].numel()
+    width = min(dim, max(16, max_bytes // (4 * n)))
+    proj = (torch.randn(dim, width, generator=torch.Generator().manual_seed(seed)).div_(math.sqrt(width))
+            .to(x.device) if width < dim else None)  # (C*H*W, width)
+    feats = torch.cat([f if proj is None else f @ proj for f in (
+        to_input(chunk, data["mean"], data["std"]).flatten(1) for chunk in x.split(4096))])  # (N, width)
+    gen = torch.Generator(x.device).manual_seed(seed)
+    return build_cluster_index(feats, data["y_train"], k, iters, gen)[0]
 
 
 def infobatch_select(scores: torch.Tensor, prune_ratio: float, progress: float, anneal: float = 0.875,
@@ -1145,14 +1163,15 @@ def embedding_batch_loss(state: dict, data: dict, cfg: Config, device):
     if "by_class" not in state:
         state["by_class"] = [(y == c).nonzero().flatten().cpu() for c in range(int(y.max()) + 1)]
     p = min(cfg.m, len(state["by_class"]))  # UNSPECIFIED: P = M classes × K = D images, the magnet batch's size
-    idx = class_balanced_batch(state["by_class"], p, cfg.magnet_batch // p, state["gen"]).to(device)  # (P*K,)
+    idx = class_balanced_batch(state["by_class"], p, cfg.magnet_batch // p, state["gen"]).to(
+        device, non_blocking=True)  # (P*K,)
     if cfg.embed_loss == "triplet_global":
         positives, negatives = state["triplets"]
         anchor, positive, negative = embed(torch.cat([idx, positives[idx], negatives[idx]])).chunk(3)
         return triplet_global_loss(anchor, positive, negative, state["margin"]), None
     r = embed(idx)  # (P*K, d)
     if cfg.embed_loss == "dml_crc":
-        return dml_crc_loss(r, y[idx]), None
+        return dml_crc_loss(r, y[idx], n_classes=len(state["by_class"])), None
     logits = state["head"](F.normalize(r, dim=1))  # (P*K, C) the class-aware attention's classifier
     return osm_caa_loss(r, y[idx], logits) + F.cross_entropy(logits, y[idx]), None
 
@@ -1409,21 +1428,6 @@ def check_against_data(cfg: Config, data: dict):
                           f"({len(data['y_train'])}); lower it or raise --train-size")
 
 
-def fixed_pixel_clusters(data: dict, k: int, iters: int, seed: int, max_bytes: int = 2 ** 28) -> torch.Tensor:
-    """SPLD baseline's groups (NOTES §4). UNSPECIFIED: per-class K-Means++ on normalised raw pixels, computed once;
-    where those would pass max_bytes as float32 (CIFAR, SVHN at full size), on a fixed Gaussian random projection
-    to the width that fits (distances kept within a few %, Johnson-Lindenstrauss), made in chunks. -> (N,)"""
-    x = data["x_train"]
-    n, dim = len(x), x[0].numel()
-    width = min(dim, max(16, max_bytes // (4 * n)))
-    proj = (torch.randn(dim, width, generator=torch.Generator().manual_seed(seed)).div_(math.sqrt(width))
-            .to(x.device) if width < dim else None)  # (C*H*W, width)
-    feats = torch.cat([f if proj is None else f @ proj for f in (
-        to_input(chunk, data["mean"], data["std"]).flatten(1) for chunk in x.split(4096))])  # (N, width)
-    gen = torch.Generator(x.device).manual_seed(seed)
-    return build_cluster_index(feats, data["y_train"], k, iters, gen)[0]
-
-
 @dataclass
 class LoopState:
     """What the student loop carries from pass to pass; the checkpoint saves it whole."""
@@ -1442,10 +1446,14 @@ class LoopState:
     scores: torch.Tensor | None = None  # InfoBatch: every sample's last training loss (N,)
 
 
-def start_student(cfg: Config, data: dict, device: torch.device):
-    """The student, its optimiser and the loop's state; under --resume all three and the RNGs from OUT/ckpt.pt,
-    loaded to the CPU and moved (a run saved on one device resumes on another), with metrics.jsonl cut back to it.
-    -> net, opt, state, checkpoint (None when starting)."""
+def start_student(cfg: Config, device: torch.device, cores: int):
+    """Seeds, data, the student, its optimiser and the loop's state; under --resume the last three and the RNGs
+    from OUT/ckpt.pt, loaded to the CPU and moved (a run saved on one device resumes on another), with
+    metrics.jsonl cut back to it. Writes OUT/config.json. -> data, net, opt, state, checkpoint (None if new)."""
+    seed_everything(cfg.seed, cfg.deterministic)
+    torch.set_num_threads(cores)
+    data = prepare_data(cfg, device)
+    check_against_data(cfg, data)
     n = len(data["y_train"])
     net = build_net(cfg.student, tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1, cfg.dropout,
                     device)
@@ -1467,7 +1475,12 @@ def start_student(cfg: Config, data: dict, device: torch.device):
         records = read_jsonl(metrics_path, st.updates)
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-    return net, opt, st, ckpt
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    print(f"[student] device={device} n_train={n} n_test={len(data['y_test'])} budget={st.budget} updates "
+          f"({float(st.epochs):.2f} epochs) student={cfg.student} sampler={cfg.sampler}", flush=True)
+    return data, net, opt, st, ckpt
 
 
 def start_embedding(cfg: Config, data: dict, ckpt: dict | None, cores: int):
@@ -1491,8 +1504,11 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, cores: int):
     if ckpt and ckpt["embedding"] is not None and not os.path.exists(state_path):
         save_atomic(ckpt["embedding"], state_path)
     embed_device = torch.device(cfg.gpu if cfg.embed_gpu == "same" else cfg.embed_gpu)
-    # on the CPU the two processes split the cores; on a GPU the child needs two CPU threads
+    # on the CPU the two processes split the cores (the two processes' threads <= cores); on a GPU the child needs
+    # two CPU threads
     child_threads = max(1, cores - cores // 2) if embed_device.type == "cpu" else min(2, cores)
+    if embed_device.type == "cpu" and data["x_train"].device.type == "cpu":
+        torch.set_num_threads(max(1, cores // 2))
     handle = start_embedding_process(cfg, {k: v.to(embed_device) for k, v in data.items()}, n_classes * cfg.k,
                                      state_path, child_threads)
     print(f"[embedding] pid={handle['proc'].pid} device={embed_device} threads={child_threads}", flush=True)
@@ -1505,8 +1521,8 @@ def newest_index(cfg: Config, st: LoopState, handle, estate, data: dict, index, 
     --embed-share of its core, the student takes every core."""
     if handle is not None:
         newest = latest_index(handle, warmup, index)
-        if cfg.embed_share < 1 and newest is not None and (index is None or index["iteration"] < warmup):
-            torch.set_num_threads(cores)
+        if cfg.embed_share < 1 and newest is not None and newest["iteration"] >= warmup:
+            torch.set_num_threads(cores)  # also after a resume, whose index came from the checkpoint
         return newest
     if estate is not None and st.passes > 0:
         return embedding_catch_up(estate, data, cfg) or index
@@ -1622,19 +1638,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     summary.json, ckpt.pt}; `stop_requested()` (signals) ends it cleanly after checkpointing."""
     t_start, cpu_start, device = time.time(), time.process_time(), torch.device(cfg.gpu)
     cores = len(os.sched_getaffinity(0))
-    seed_everything(cfg.seed, cfg.deterministic)
-    shares_cores = cfg.sampler == "spladvise" and cfg.embed_mode == "process" and device.type == "cpu" and \
-        cfg.embed_gpu in ("same", "cpu")
-    torch.set_num_threads(max(1, cores // 2) if shares_cores else cores)  # the two processes' threads <= cores
-    data = prepare_data(cfg, device)
-    check_against_data(cfg, data)
-    net, opt, st, ckpt = start_student(cfg, data, device)
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
-    print(f"[student] device={device} n_train={len(data['y_train'])} n_test={len(data['y_test'])} budget="
-          f"{st.budget} updates ({float(st.epochs):.2f} epochs) student={cfg.student} sampler={cfg.sampler}",
-          flush=True)
+    data, net, opt, st, ckpt = start_student(cfg, device, cores)  # under --resume, from OUT/ckpt.pt
     handle, estate, index = start_embedding(cfg, data, ckpt, cores)  # Alg. 2 step 2: Alg. 1, in parallel
     forward, aug, warmup = torch.compile(net) if cfg.compile else net, parse_augment(cfg.augment), \
         cfg.warmup_iterations(len(data["y_train"]))
@@ -1659,6 +1663,8 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
                 n_updates)], data, aug, cfg.batch_size, cfg.amp == "on", stop, st.updates, chosen["weights"],
                 st.scores)
             if done == 0:
+                if len(idx) == 0:
+                    print(f"[student] pass {st.passes + 1} selected no sample; stopping", flush=True)
                 break
             sync(device)
             t_train = time.time() - t2
@@ -1771,13 +1777,13 @@ def seed_runs(cfg: Config) -> list[Config]:
 
 
 def run_finished(run: Config) -> bool:
-    """True if run.run_dir holds a complete run of exactly this config; a field the saved config lacks (added
-    since) counts as its default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    """True if run.run_dir holds a complete run of this config (up to RUNTIME_FIELDS); a field the saved config lacks
+    (added since) counts as its default."""
+    same = lambda a: {k: v for k, v in a.items() if k not in RUNTIME_FIELDS}
     try:
-        return (json.load(open(os.path.join(run.run_dir, "summary.json")))["complete"]
-                and {**defaults, **json.load(open(os.path.join(run.run_dir, "config.json")))}
-                == dataclasses.asdict(run))
+        saved = json.load(open(os.path.join(run.run_dir, "config.json")))
+        return (json.load(open(os.path.join(run.run_dir, "summary.json")))["complete"] and same(
+            {**{f.name: f.default for f in dataclasses.fields(Config)}, **saved}) == same(dataclasses.asdict(run)))
     except (OSError, ValueError, KeyError):
         return False
 
@@ -1790,10 +1796,10 @@ def run_seeds(cfg: Config, stop_requested=lambda: False) -> dict | None:
             run = dataclasses.replace(run, resume=os.path.exists(os.path.join(run.run_dir, "ckpt.pt")))
             prepare_run_dir(run)
             summary = train(run, stop_requested)
+            if not summary["complete"]:
+                return None
             print(f"[runs] {run.run_dir}: final_acc={summary['final_acc']:.4f} wall={summary['wall_s']:.1f}s",
                   flush=True)
-        if stop_requested():
-            return None
     result = aggregate_runs([run.run_dir for run in seed_runs(cfg)])
     with open(os.path.join(cfg.run_dir, "aggregate.json"), "w") as f:
         json.dump({"sampler": cfg.sampler, **{k: v for k, v in result.items() if k != "metrics"}}, f, indent=1)
@@ -1855,7 +1861,7 @@ def bench_table(results: dict) -> str:
     show = lambda v: "—" if v["n"] == 0 or math.isnan(v["mean"]) else f"{v['mean']:.0f}"
     span = lambda v: f"{min(v):.3f}–{max(v):.3f}" if v else "—"
     rows = ["| row | final acc | best acc* | updates to reach random's final | curriculum from update | label "
-            "precision | s / 1k updates (× random) | train | score | embed wait | embed inline | embed CPU / "
+            "precision | s / 1k updates (× random) | train | score | embed read | embed inline | embed CPU / "
             "student CPU | indexes used: soft-vote acc | Recall@1 |", "|---" * 14 + "|"]
     for name, r in results.items():
         reach = [next((m["updates"] for m in run if m["test_acc"] >= target), None) for run in r["metrics"]]
@@ -1872,8 +1878,10 @@ def bench_table(results: dict) -> str:
 
 # ---- 13. figures (paper Figs. 2 and 3; matplotlib is imported only for --plot) ---------------------------
 def finished_results(folder: str) -> bool:
-    """True if folder holds a finished benchmark, --runs aggregate or single run; --plot then only draws it."""
-    if any(os.path.exists(os.path.join(folder, name)) for name in ("bench.json", "aggregate.json")):
+    """True if folder holds a finished benchmark (or one regime of it), --runs aggregate or single run; --plot then
+    only draws it."""
+    if any(os.path.exists(os.path.join(folder, *path)) for path in (
+            ("bench.json",), ("aggregate.json",), *((regime, "bench.json") for regime in BENCH_REGIMES))):
         return True
     try:
         return json.load(open(os.path.join(folder, "summary.json")))["complete"]
@@ -2075,8 +2083,10 @@ def prepare_run_dir(cfg: Config):
         differ = [f"{k}: {saved[k]!r} there, {v!r} here" for k, v in dataclasses.asdict(cfg).items()
                   if k not in RUNTIME_FIELDS and saved[k] != v]
         if differ:
-            raise ConfigError(f"{cfg.run_dir} holds a different run ({'; '.join(differ)}); use another --out"
-                              + ("" if cfg.resume else " or the same flags with --resume"))
+            raise ConfigError(f"{cfg.run_dir} holds a different run ({'; '.join(differ)}); " + (
+                "resume with the flags it was started with (its config.json; a paper-preset run resumed on a machine "
+                "without CUDA needs --preset paper)" if cfg.resume else "use another --out or the same flags with "
+                "--resume"))
         if not cfg.resume and os.path.exists(ckpt_path):
             raise ConfigError(f"{cfg.run_dir} holds a checkpoint of this run; continue it with --resume or "
                               f"choose another --out")
@@ -2111,7 +2121,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.bench or not (cfg.plot and finished_results(cfg.run_dir)):  # --plot --out DIR only draws DIR
             run_requested(cfg, stop_requested)  # (a benchmark always runs: it reuses every finished run)
         if cfg.plot and not received:
-            regimes = [os.path.join(cfg.run_dir, r) for r in BENCH_REGIMES if cfg.bench and os.path.exists(
+            regimes = [os.path.join(cfg.run_dir, r) for r in BENCH_REGIMES if os.path.exists(
                 os.path.join(cfg.run_dir, r, "bench.json"))]  # a benchmark: each regime's rows
             for path in [p for folder in regimes or [cfg.run_dir] for p in plot_folder(folder)]:
                 print(f"[plot] {path}", flush=True)
