@@ -1230,6 +1230,18 @@ def test_sigkilled_embedding_child_is_noticed_within_seconds(tmp_path):
 
 
 @needs_fmnist
+def test_a_child_that_dies_before_publishing_names_exclusive_process_mode_and_inline(tmp_path):
+    """A child that dies before its first index (as one does that cannot open its CUDA tensors on a GPU in
+    exclusive-process mode) ends the run with exit 1 and a message naming that cause and --embed-mode inline."""
+    proc = start(TINY + ["--updates", "5000"], tmp_path / "run")
+    pid = int(wait_for_line(proc, "[embedding] pid=", 60).split("pid=")[1].split()[0])
+    os.kill(pid, signal.SIGKILL)  # its start alone (importing torch) takes seconds: nothing is published yet
+    assert proc.wait(60) == 1
+    err = proc.stderr.read()
+    assert "SIGKILL" in err and "exclusive-process" in err and "--embed-mode inline" in err, err
+
+
+@needs_fmnist
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_sigint_and_sigterm_stop_both_processes_and_resume_continues(tmp_path, sig, code):
     """Ctrl-C / SIGTERM to the main process: both processes exit within 10 s, exit code 128 + signal, the
