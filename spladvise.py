@@ -1565,7 +1565,7 @@ def log_pass(path: str, record: dict):
 
 def lr_at(cfg: Config, done: Fraction) -> float:
     """The step schedule: lr × lr_decay at each milestone (a fraction of the budget) passed."""
-    return cfg.lr * cfg.lr_decay ** sum(done >= m for m in cfg.milestone_fractions)
+    return cfg.lr * cfg.lr_decay ** sum(done >= Fraction(str(m)) for m in cfg.milestone_fractions)  # exact: 0.8 is 4/5
 
 
 def curriculum_groups(cfg: Config, data: dict, index: dict | None, warmup: int) -> torch.Tensor | None:
@@ -1611,7 +1611,7 @@ def choose_pass(cfg: Config, st: LoopState, net, data: dict, index: dict | None,
     t1 = time.time()
     rho0 = 0.0 if cfg.sampler == "spl" else cfg.rho0  # SPL: γ = 0, one group (NOTES §4)
     if t == 0:
-        st.lam0, st.gamma0 = spld_pace(losses, 0, "quantile", cfg.f0, rho0, 0, 0)
+        st.lam0, st.gamma0 = spld_pace(losses, 0, "quantile", cfg.f0, rho0, 0, 0, f_max=cfg.f_max)
     lam, gamma = spld_pace(losses, t, cfg.pace, cfg.f0, rho0, cfg.beta1, cfg.beta2, st.lam0, st.gamma0, groups,
                            cfg.f_max)  # Alg. 2 step 16
     mask = spld_select(losses, groups, lam, gamma)  # (N,) Alg. 2 steps 7-13, Eq. 2
