@@ -1443,6 +1443,7 @@ class LoopState:
     wall_s: float = 0.0
     cpu_s: float = 0.0  # this process's CPU seconds
     embed_cpu_s: float = 0.0  # the embedding child's CPU seconds
+    embedding_done: str | None = None  # why no later pass needs a new index (the embedding then stops for good)
     scores: torch.Tensor | None = None  # InfoBatch: every sample's last training loss (N,)
 
 
@@ -1483,15 +1484,15 @@ def start_student(cfg: Config, device: torch.device, cores: int):
     return data, net, opt, st, ckpt
 
 
-def start_embedding(cfg: Config, data: dict, ckpt: dict | None, cores: int):
+def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, cores: int):
     """Alg. 2 step 2: the embedding trainer in parallel (a child process) or inline (its state in this process);
-    SPLD's fixed pixel clusters; nothing for the other samplers. -> (child handle, inline state, index), None where
-    not used."""
+    SPLD's fixed pixel clusters; nothing for the other samplers, nor once a resumed run's embedding is done.
+    -> (child handle, inline state, index), None where not used."""
     index = ckpt["index"] if ckpt else None
     if cfg.sampler == "spld" and index is None:  # fixed once, never refreshed
         index = {"assign": fixed_pixel_clusters(data, cfg.k, cfg.kmeans_iters, cfg.seed), "version": 0,
                  "iteration": 0, **dict.fromkeys(QUALITY)}
-    if cfg.sampler != "spladvise":
+    if cfg.sampler != "spladvise" or st.embedding_done:
         return None, None, index
     shape, n_classes = tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1
     if cfg.embed_mode == "inline":
@@ -1524,28 +1525,33 @@ def newest_index(cfg: Config, st: LoopState, handle, estate, data: dict, index, 
         if cfg.embed_share < 1 and newest is not None and newest["iteration"] >= warmup:
             torch.set_num_threads(cores)  # also after a resume, whose index came from the checkpoint
         return newest
-    if estate is not None and st.passes > 0:
+    if estate is not None and st.passes > 0 and not st.embedding_done:
         return embedding_catch_up(estate, data, cfg) or index
     return index
 
 
-def retire_embedding(handle: dict, st: LoopState, cores: int, why: str) -> None:
-    """Stop the child for good once no later pass needs a new index, and give its cores to the student."""
-    st.embed_cpu_s += stop_embedding_process(handle)
-    torch.set_num_threads(cores)
-    print(f"[embedding] stopped before pass {st.passes + 1} (update {st.updates}): {why}; the student now uses "
-          f"{cores} threads", flush=True)
+def retire_embedding(handle: dict | None, st: LoopState, cores: int, why: str) -> None:
+    """Stop the embedding for good once no later pass needs a new index (the child, or inline mode's training),
+    and give the child's cores to the student."""
+    st.embedding_done = why
+    if handle is not None:
+        st.embed_cpu_s += stop_embedding_process(handle)
+        torch.set_num_threads(cores)
+    print(f"[embedding] stopped before pass {st.passes + 1} (update {st.updates}): {why}"
+          + (f"; the student now uses {cores} threads" if handle is not None else ""), flush=True)
 
 
-def save_checkpoint(cfg: Config, net, opt, st: LoopState, index, estate, device):
+def save_checkpoint(cfg: Config, net, opt, st: LoopState, index, estate, handle, device):
     """One atomic file holding everything --resume needs (STYLE §8); the child's state comes from its own file,
-    loaded to the CPU."""
+    loaded to the CPU, and its CPU seconds from its last publish."""
     state_path = os.path.join(cfg.run_dir, "embed_state.pt")
     embedding = (embedding_state_dict(estate) if estate is not None else torch.load(
         state_path, weights_only=False, map_location="cpu") if os.path.exists(state_path) else None)
+    child_cpu_s = handle["shared"]["status"][-1].item() if handle is not None else 0.0
     save_atomic({"config": dataclasses.asdict(cfg), "student": net.state_dict(), "opt": opt.state_dict(),
-                 "state": dataclasses.asdict(st), "rng": rng_states(device), "embedding": embedding,
-                 "index": index}, os.path.join(cfg.run_dir, "ckpt.pt"))
+                 "state": {**dataclasses.asdict(st), "embed_cpu_s": st.embed_cpu_s + child_cpu_s},
+                 "rng": rng_states(device), "embedding": embedding, "index": index},
+                os.path.join(cfg.run_dir, "ckpt.pt"))
 
 
 LOG_FIELDS = ("pass", "updates", "epoch", "train_loss", "test_acc", "selected_frac", "label_precision",
@@ -1639,7 +1645,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     t_start, cpu_start, device = time.time(), time.process_time(), torch.device(cfg.gpu)
     cores = len(os.sched_getaffinity(0))
     data, net, opt, st, ckpt = start_student(cfg, device, cores)  # under --resume, from OUT/ckpt.pt
-    handle, estate, index = start_embedding(cfg, data, ckpt, cores)  # Alg. 2 step 2: Alg. 1, in parallel
+    handle, estate, index = start_embedding(cfg, data, ckpt, st, cores)  # Alg. 2 step 2: Alg. 1, in parallel
     forward, aug, warmup = torch.compile(net) if cfg.compile else net, parse_augment(cfg.augment), \
         cfg.warmup_iterations(len(data["y_train"]))
     stop = lambda: should_stop(cfg, st, t_start, handle, stop_requested)
@@ -1652,7 +1658,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             t_embed = time.time() - t0
             # Alg. 2 steps 5-13, 16: this pass's samples and weights (Eq. 2 for the curricula)
             chosen = choose_pass(cfg, st, net, data, index, warmup)
-            if handle is not None and chosen["index_done"]:
+            if cfg.sampler == "spladvise" and chosen["index_done"] and not st.embedding_done:
                 retire_embedding(handle, st, cores, chosen["index_done"])
                 handle = None
             # Alg. 2 steps 3-4: one shuffled pass of mini-batch SGD over them; lr by the budget spent
@@ -1678,7 +1684,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             log_pass(os.path.join(cfg.run_dir, "metrics.jsonl"), pass_record(
                 cfg, st, chosen, index, data, train_loss=train_loss, test_acc=test_acc,
                 t_train=t_train, **{"t_embed" if estate is None else "t_embed_train": t_embed}))
-            save_checkpoint(cfg, net, opt, st, index, estate, device)
+            save_checkpoint(cfg, net, opt, st, index, estate, handle, device)
     finally:
         if handle is not None:
             st.embed_cpu_s += stop_embedding_process(handle)
@@ -1788,18 +1794,26 @@ def run_finished(run: Config) -> bool:
         return False
 
 
+def report(summary: dict, cfg: Config, stop_requested, again: str) -> bool:
+    """One line on how a run ended -> whether it is complete (a signal's stop is reported by main)."""
+    if summary["complete"]:
+        print(f"[runs] done: final_acc={summary['final_acc']:.4f} best_acc={summary['best_acc']:.4f} "
+              f"updates={summary['updates']} wall={summary['wall_s']:.1f}s -> {cfg.run_dir}", flush=True)
+    elif not stop_requested():
+        print(f"[runs] {cfg.run_dir} ended at update {summary['updates']} of {summary['budget']}; continue it with "
+              f"{again}", flush=True)
+    return summary["complete"]
+
+
 def run_seeds(cfg: Config, stop_requested=lambda: False) -> dict | None:
     """--runs N (and each benchmark row): every seed in turn, reusing a finished run and resuming one cut short,
-    then OUT/aggregate.json. -> the aggregate, None if stopped."""
+    then OUT/aggregate.json. -> the aggregate, None if a run ended short (a signal, --max-minutes)."""
     for run in seed_runs(cfg):
         if not run_finished(run):
             run = dataclasses.replace(run, resume=os.path.exists(os.path.join(run.run_dir, "ckpt.pt")))
             prepare_run_dir(run)
-            summary = train(run, stop_requested)
-            if not summary["complete"]:
+            if stop_requested() or not report(train(run, stop_requested), run, stop_requested, "the same command"):
                 return None
-            print(f"[runs] {run.run_dir}: final_acc={summary['final_acc']:.4f} wall={summary['wall_s']:.1f}s",
-                  flush=True)
     result = aggregate_runs([run.run_dir for run in seed_runs(cfg)])
     with open(os.path.join(cfg.run_dir, "aggregate.json"), "w") as f:
         json.dump({"sampler": cfg.sampler, **{k: v for k, v in result.items() if k != "metrics"}}, f, indent=1)
@@ -2102,9 +2116,7 @@ def run_requested(cfg: Config, stop_requested):
         run_seeds(cfg, stop_requested)
     else:
         prepare_run_dir(cfg)
-        summary = train(cfg, stop_requested)
-        print(f"[student] done: final_acc={summary['final_acc']:.4f} best_acc={summary['best_acc']:.4f} "
-              f"updates={summary['updates']} wall={summary['wall_s']:.1f}s -> {cfg.run_dir}", flush=True)
+        report(train(cfg, stop_requested), cfg, stop_requested, "the same flags and --resume")
 
 
 def main(argv: list[str] | None = None) -> int:
