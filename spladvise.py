@@ -1782,14 +1782,19 @@ def seed_runs(cfg: Config) -> list[Config]:
             for seed in range(cfg.seed, cfg.seed + cfg.runs)]
 
 
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """How cfg differs from a saved config, RUNTIME_FIELDS aside; a field the saved one lacks (added since) counts
+    as its default."""
+    saved = {**{f.name: f.default for f in dataclasses.fields(Config)}, **saved}
+    return [f"{k}: {saved[k]!r} there, {v!r} here" for k, v in dataclasses.asdict(cfg).items()
+            if k not in RUNTIME_FIELDS and saved[k] != v]
+
+
 def run_finished(run: Config) -> bool:
-    """True if run.run_dir holds a complete run of this config (up to RUNTIME_FIELDS); a field the saved config lacks
-    (added since) counts as its default."""
-    same = lambda a: {k: v for k, v in a.items() if k not in RUNTIME_FIELDS}
+    """True if run.run_dir holds a complete run of this config."""
     try:
-        saved = json.load(open(os.path.join(run.run_dir, "config.json")))
-        return (json.load(open(os.path.join(run.run_dir, "summary.json")))["complete"] and same(
-            {**{f.name: f.default for f in dataclasses.fields(Config)}, **saved}) == same(dataclasses.asdict(run)))
+        return (json.load(open(os.path.join(run.run_dir, "summary.json")))["complete"]
+                and not config_changes(json.load(open(os.path.join(run.run_dir, "config.json"))), run))
     except (OSError, ValueError, KeyError):
         return False
 
@@ -2035,7 +2040,7 @@ def resolve_config(cfg: Config) -> Config:
     check_values(cfg)
     try:
         parse_augment(cfg.augment)
-        fractions = [float(f) for f in cfg.milestones.replace("none", "").split(",") if f]
+        fractions = cfg.milestone_fractions
     except ValueError as e:
         raise ConfigError(f"--augment {cfg.augment!r} / --milestones {cfg.milestones!r}: {e}")
     if any(not 0 < f < 1 for f in fractions):
@@ -2093,10 +2098,7 @@ def prepare_run_dir(cfg: Config):
         except Exception as e:
             raise ConfigError(f"--resume: {ckpt_path} cannot be read ({type(e).__name__}: {e})")
     if saved is not None:
-        saved = {**{f.name: f.default for f in dataclasses.fields(Config)}, **saved}  # fields added since: defaults
-        differ = [f"{k}: {saved[k]!r} there, {v!r} here" for k, v in dataclasses.asdict(cfg).items()
-                  if k not in RUNTIME_FIELDS and saved[k] != v]
-        if differ:
+        if differ := config_changes(saved, cfg):
             raise ConfigError(f"{cfg.run_dir} holds a different run ({'; '.join(differ)}); " + (
                 "resume with the flags it was started with (its config.json; a paper-preset run resumed on a machine "
                 "without CUDA needs --preset paper)" if cfg.resume else "use another --out or the same flags with "
