@@ -1210,9 +1210,10 @@ def student_pass(net, opt, idx_pass, lrs: list, data, aug, batch: int, amp: bool
 
 
 # ---- 10. embedding process (Alg. 2 step 2: "in parallel with steps 3-16") --------------------------------
-# The embedding trainer runs in a spawned child. The student (parent) allocates every shared tensor, keeps it alive
-# until the child has exited, and is the only reader; the child is the only writer. CUDA tensors travel by CUDA IPC,
-# CPU tensors live in shared memory. A publish writes the index, synchronises the device, then bumps the version,
+# The embedding trainer runs in a spawned child, started before the student loads its data (its imports overlap the
+# student's start); the data and the shared index reach it through a queue. The student (parent) allocates every
+# shared tensor, keeps it alive until the child has exited, and is the only reader; the child is the only writer.
+# CUDA tensors travel by CUDA IPC, CPU tensors live in shared memory. A publish writes the index, synchronises the device, then bumps the version,
 # all under one lock; the reader copies under the same lock, so it never sees half an index.
 #   name            shape       dtype    writer     reader
 #   assign          (N,)        int64    child      student    cluster id of every training sample
@@ -1226,12 +1227,11 @@ class EmbeddingFailed(Exception):
 STATUS = ("version", "iteration", *QUALITY, "cpu_s")  # the index's scalars (NaN: not judged), the child's CPU time
 
 
-def make_shared_index(n: int, n_clusters: int, dim: int, device: torch.device) -> dict:
+def make_shared_index(n: int, n_clusters: int, dim: int, device: torch.device, status: torch.Tensor) -> dict:
     index = {"assign": torch.zeros(n, dtype=torch.int64, device=device),
              "centroids": torch.zeros(n_clusters, dim, device=device),
-             "cluster_class": torch.zeros(n_clusters, dtype=torch.int64, device=device),
-             "status": torch.zeros(len(STATUS), dtype=torch.float64)}
-    return {k: v.share_memory_() if v.device.type == "cpu" else v for k, v in index.items()}
+             "cluster_class": torch.zeros(n_clusters, dtype=torch.int64, device=device)}
+    return {**{k: v.share_memory_() if v.device.type == "cpu" else v for k, v in index.items()}, "status": status}
 
 
 def publish(shared: dict, lock, index: dict):
@@ -1243,22 +1243,31 @@ def publish(shared: dict, lock, index: dict):
                                             + [time.process_time()], dtype=torch.float64))
 
 
-def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, errors, state_path: str, resume: bool,
-                     n_threads: int):
-    """Child entry point: Alg. 1 for ever, publishing a fresh index every R iterations, until the student sets
-    `stop` or dies. Its own state goes to state_path (atomically) at every publish."""
+def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
+    """Child entry point: wait for the data, then Alg. 1 for ever, publishing a fresh index every R iterations,
+    until the student sets `stop` or dies. Its own state goes to state_path (atomically) at every publish."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the whole process group; the student decides
     try:
+        import torch._dynamo  # noqa: F401  (torch.optim's first use imports it: 1.3 s, spent while the student loads)
+        parent = mp.parent_process()
+        keep_going = lambda: not stop.is_set() and parent.is_alive()  # exits on its own if the parent is killed
+        work = None
+        while work is None and keep_going():
+            try:
+                work = inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+        if work is None:
+            return
+        data, shared, state_path, n_threads = work
         cfg = Config(**cfg_dict)
         torch.set_num_threads(n_threads)
         seed_everything(cfg.seed + 1, cfg.deterministic)
         n = len(data["y_train"])
         state = new_embedding_state(cfg, data["x_train"].shape[1:], int(data["y_train"].max()) + 1,
                                     data["x_train"].device)
-        if resume and os.path.exists(state_path):
+        if cfg.resume and os.path.exists(state_path):
             load_embedding_state(state, torch.load(state_path, weights_only=False, map_location="cpu"))
-        parent = mp.parent_process()
-        keep_going = lambda: not stop.is_set() and parent.is_alive()  # exits on its own if the parent is killed
         every, warmup = cfg.refresh_iterations(n), cfg.warmup_iterations(n)
         index = embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
         while keep_going():
@@ -1272,7 +1281,6 @@ def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, error
                                 1.0 if state["iteration"] < warmup else cfg.embed_share)
             if keep_going():  # Alg. 1 step 2, every R iterations; judged once a curriculum may use it
                 index = embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
-        shared["status"][-1] = time.process_time()  # its CPU seconds, read once it has stopped
     except BaseException as e:
         text = f"{type(e).__name__}: {e}"
         sys.stderr.write(f"[embedding] failed:\n{traceback.format_exc()}")
@@ -1280,20 +1288,30 @@ def embedding_worker(cfg_dict: dict, data: dict, shared: dict, lock, stop, error
         errors.close()
         errors.join_thread()  # the message must leave before the process does
         sys.exit(1)
+    finally:
+        status[-1] = time.process_time()  # its CPU seconds, read once it has stopped
 
 
-def start_embedding_process(cfg: Config, data: dict, n_clusters: int, state_path: str, n_threads: int) -> dict:
+def spawn_embedding_process(cfg: Config) -> dict:
+    """Start the child before the student loads its data: its imports (3 s of CPU) overlap the student's start,
+    and it waits for send_embedding_work."""
     ctx = mp.get_context("spawn")
-    shared = make_shared_index(len(data["y_train"]), n_clusters, cfg.embed_dim, data["x_train"].device)
-    if data["x_train"].device.type == "cpu":
-        data = {k: v.share_memory_() for k, v in data.items()}
-    lock, stop, errors = ctx.Lock(), ctx.Event(), ctx.Queue()
+    lock, stop, errors, inbox = ctx.Lock(), ctx.Event(), ctx.Queue(), ctx.Queue()
+    status = torch.zeros(len(STATUS), dtype=torch.float64).share_memory_()
     proc = ctx.Process(target=embedding_worker, name="spladvise-embedding", daemon=True,
-                       args=(dataclasses.asdict(cfg), data, shared, lock, stop, errors, state_path, cfg.resume,
-                             n_threads))
+                       args=(dataclasses.asdict(cfg), inbox, status, lock, stop, errors))
     proc.start()
-    return {"proc": proc, "shared": shared, "lock": lock, "stop": stop, "errors": errors, "data": data,
-            "checked": time.time(), "failure": None}
+    print(f"[embedding] pid={proc.pid}", flush=True)
+    return {"proc": proc, "inbox": inbox, "lock": lock, "stop": stop, "errors": errors, "data": None,
+            "shared": {"status": status}, "checked": time.time(), "failure": None}
+
+
+def send_embedding_work(handle: dict, data: dict, n_clusters: int, dim: int, state_path: str, n_threads: int):
+    """The data and the shared index to the waiting child; the handle keeps both alive until the child exits."""
+    handle["shared"] = make_shared_index(len(data["y_train"]), n_clusters, dim, data["x_train"].device,
+                                         handle["shared"]["status"])
+    handle["data"] = {k: v.share_memory_() if v.device.type == "cpu" else v for k, v in data.items()}
+    handle["inbox"].put((handle["data"], handle["shared"], state_path, n_threads))
 
 
 def check_embedding_process(handle: dict):
@@ -1307,9 +1325,9 @@ def check_embedding_process(handle: dict):
         code = proc.exitcode
         cause = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
                  else f"exited with code {code}")
-        if handle["shared"]["status"][0] < 1:  # before its first line ran, e.g. unpickling its CUDA tensors
-            cause += (" before it published anything (likely: a GPU in exclusive-process mode, which admits one "
-                      "process; run with --embed-mode inline)")
+    if handle["shared"]["status"][0] < 1:  # e.g. it could not open the CUDA tensors it was sent
+        cause += (" before it published anything (on a GPU, likely: exclusive-process mode, which admits one "
+                  "process; run with --embed-mode inline)")
     raise EmbeddingFailed(f"embedding process (pid {proc.pid}) died: {cause}")
 
 
@@ -1334,7 +1352,7 @@ def stop_embedding_process(handle: dict) -> float:
     """Ask the child to stop; terminate, then kill it if it does not within a few seconds. -> its CPU seconds."""
     proc = handle["proc"]
     handle["stop"].set()
-    proc.join(5)
+    proc.join(5 if handle["data"] is not None else 0.1)  # a child without work holds nothing to save
     if proc.is_alive():
         proc.terminate()
         proc.join(3)
@@ -1484,10 +1502,11 @@ def start_student(cfg: Config, device: torch.device, cores: int):
     return data, net, opt, st, ckpt
 
 
-def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, cores: int):
-    """Alg. 2 step 2: the embedding trainer in parallel (a child process) or inline (its state in this process);
-    SPLD's fixed pixel clusters; nothing for the other samplers, nor once a resumed run's embedding is done.
-    -> (child handle, inline state, index), None where not used."""
+def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, cores: int, handle: dict | None):
+    """Alg. 2 step 2: the embedding trainer in parallel (the child `handle`, spawned before the data loaded: a new
+    run's; a resumed one spawns it here, if its embedding is not done) or inline (its state in this process); SPLD's
+    fixed pixel clusters; nothing for the other samplers. -> (child handle, inline state, index), None where not
+    used."""
     index = ckpt["index"] if ckpt else None
     if cfg.sampler == "spld" and index is None:  # fixed once, never refreshed
         index = {"assign": fixed_pixel_clusters(data, cfg.k, cfg.kmeans_iters, cfg.seed), "version": 0,
@@ -1510,9 +1529,10 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, c
     child_threads = max(1, cores - cores // 2) if embed_device.type == "cpu" else min(2, cores)
     if embed_device.type == "cpu" and data["x_train"].device.type == "cpu":
         torch.set_num_threads(max(1, cores // 2))
-    handle = start_embedding_process(cfg, {k: v.to(embed_device) for k, v in data.items()}, n_classes * cfg.k,
-                                     state_path, child_threads)
-    print(f"[embedding] pid={handle['proc'].pid} device={embed_device} threads={child_threads}", flush=True)
+    handle = handle or spawn_embedding_process(cfg)
+    send_embedding_work(handle, {k: v.to(embed_device) for k, v in data.items()}, n_classes * cfg.k, cfg.embed_dim,
+                        state_path, child_threads)
+    print(f"[embedding] device={embed_device} threads={child_threads}", flush=True)
     return handle, None, index
 
 
@@ -1644,12 +1664,14 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     summary.json, ckpt.pt}; `stop_requested()` (signals) ends it cleanly after checkpointing."""
     t_start, cpu_start, device = time.time(), time.process_time(), torch.device(cfg.gpu)
     cores = len(os.sched_getaffinity(0))
-    data, net, opt, st, ckpt = start_student(cfg, device, cores)  # under --resume, from OUT/ckpt.pt
-    handle, estate, index = start_embedding(cfg, data, ckpt, st, cores)  # Alg. 2 step 2: Alg. 1, in parallel
-    forward, aug, warmup = torch.compile(net) if cfg.compile else net, parse_augment(cfg.augment), \
-        cfg.warmup_iterations(len(data["y_train"]))
-    stop = lambda: should_stop(cfg, st, t_start, handle, stop_requested)
+    handle = (spawn_embedding_process(cfg) if cfg.sampler == "spladvise" and cfg.embed_mode == "process"
+              and not cfg.resume else None)  # Alg. 2 step 2: Alg. 1 in parallel, started first
     try:
+        data, net, opt, st, ckpt = start_student(cfg, device, cores)  # under --resume, from OUT/ckpt.pt
+        handle, estate, index = start_embedding(cfg, data, ckpt, st, cores, handle)
+        forward, aug, warmup = torch.compile(net) if cfg.compile else net, parse_augment(cfg.augment), \
+            cfg.warmup_iterations(len(data["y_train"]))
+        stop = lambda: should_stop(cfg, st, t_start, handle, stop_requested)
         while st.done < 1 and not stop():
             t0 = time.time()
             # Alg. 2 step 2: the newest clusters from after the embedding's warm-up, never waited for (inline
@@ -1686,8 +1708,8 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
                 t_train=t_train, **{"t_embed" if estate is None else "t_embed_train": t_embed}))
             save_checkpoint(cfg, net, opt, st, index, estate, handle, device)
     finally:
-        if handle is not None:
-            st.embed_cpu_s += stop_embedding_process(handle)
+        child_cpu_s = stop_embedding_process(handle) if handle is not None else 0.0
+    st.embed_cpu_s += child_cpu_s
     if handle is not None and handle["failure"]:
         raise handle["failure"]
     return write_summary(cfg, st, device)
