@@ -1421,6 +1421,7 @@ def test_corrupt_data_file_exits_2_naming_the_file(tmp_path, capsys):
     code, err = run_main(["--gpu", "-1", "--data-dir", str(tmp_path / "d"), "--no-download", "--updates", "5",
                           "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "t10k-images-idx3-ubyte.gz" in err and "Traceback" not in err
+    assert not [p for p in S.mp.active_children() if p.name == "spladvise-embedding"]  # spawned first, then stopped
 
 
 # ---- using the method in your own code -------------------------------------------------------------------
