@@ -1210,10 +1210,10 @@ def student_pass(net, opt, idx_pass, lrs: list, data, aug, batch: int, amp: bool
 
 
 # ---- 10. embedding process (Alg. 2 step 2: "in parallel with steps 3-16") --------------------------------
-# The embedding trainer runs in a spawned child, started before the student loads its data (its imports overlap the
-# student's start); the data and the shared index reach it through a queue. The student (parent) allocates every
-# shared tensor, keeps it alive until the child has exited, and is the only reader; the child is the only writer.
-# CUDA tensors travel by CUDA IPC, CPU tensors live in shared memory. A publish writes the index, synchronises the device, then bumps the version,
+# The embedding trainer runs in a child process (forkserver), started before the student loads its data; the data
+# and the shared index reach it through a queue. The student (parent) allocates every shared tensor, keeps it alive
+# until the child has exited, and is the only reader; the child is the only writer. CUDA tensors travel by CUDA IPC,
+# CPU tensors live in shared memory. A publish writes the index, synchronises the device, then bumps the version,
 # all under one lock; the reader copies under the same lock, so it never sees half an index.
 #   name            shape       dtype    writer     reader
 #   assign          (N,)        int64    child      student    cluster id of every training sample
@@ -1248,7 +1248,6 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
     until the student sets `stop` or dies. Its own state goes to state_path (atomically) at every publish."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the whole process group; the student decides
     try:
-        import torch._dynamo  # noqa: F401  (torch.optim's first use imports it: 1.3 s, spent while the student loads)
         parent = mp.parent_process()
         keep_going = lambda: not stop.is_set() and parent.is_alive()  # exits on its own if the parent is killed
         work = None
@@ -1293,9 +1292,11 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
 
 
 def spawn_embedding_process(cfg: Config) -> dict:
-    """Start the child before the student loads its data: its imports (3 s of CPU) overlap the student's start,
-    and it waits for send_embedding_work."""
-    ctx = mp.get_context("spawn")
+    """Start the child before the student loads its data, and waiting for send_embedding_work. It forks from a
+    server process that imported torch once (3 s of CPU, with torch._dynamo, which torch.optim imports on first use):
+    the first child's imports overlap the student's start, later ones (--runs, --bench) start at once."""
+    ctx = mp.get_context("forkserver")  # spawn's clean start (safe with CUDA and threads), without re-imports
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.optim"])
     lock, stop, errors, inbox = ctx.Lock(), ctx.Event(), ctx.Queue(), ctx.Queue()
     status = torch.zeros(len(STATUS), dtype=torch.float64).share_memory_()
     proc = ctx.Process(target=embedding_worker, name="spladvise-embedding", daemon=True,
