@@ -994,19 +994,27 @@ def accuracy(net, x, y, mean, std, batch, amp: bool = False) -> float:
     return (forward_all(net, x, mean, std, batch, amp).argmax(1) == y).float().mean().item()
 
 
-def new_embedding_state(cfg: Config, shape, n_classes: int, device) -> dict:
+def new_embedding_state(cfg: Config, data: dict, saved: dict | None = None) -> dict:
     """Everything the embedding trainer carries between iterations: net (+ OSM's head), Adam, sampler, counters,
-    generator, Smart Mining's margin and triplets."""
-    net = build_net(cfg.embed_net, shape, cfg.embed_dim, 0.0, device)
+    generator, Smart Mining's margin and triplets; restored from `saved` (embedding_state_dict's, loaded to the
+    CPU: the modules and Adam copy to their device) if given."""
+    device, n_classes = data["x_train"].device, int(data["y_train"].max()) + 1
+    net = build_net(cfg.embed_net, data["x_train"].shape[1:], cfg.embed_dim, 0.0, device)
     if cfg.embed_loss == "dml_crc":  # z = A·f: A, the Mahalanobis factor (M = AᵀA), is the net's last layer
         net = nn.Sequential(net, nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=False)).to(device)
         nn.init.eye_(net[1].weight)
     head = nn.Linear(cfg.embed_dim, n_classes).to(device) if cfg.embed_loss == "osm_caa" else nn.Identity()
-    return {"net": net, "head": head, "opt": torch.optim.Adam([*net.parameters(), *head.parameters()],
-                                                              lr=cfg.embed_lr), "sampler": None,
-            "iteration": 0, "sigma2_sum": 0.0, "sigma2_count": 0, "version": 0, "triplets": None,
-            "margin": 0.2,  # UNSPECIFIED: Smart Mining's starting margin; its controller moves it
-            "gen": torch.Generator().manual_seed(cfg.seed + 1)}
+    state = {"net": net, "head": head, "opt": torch.optim.Adam([*net.parameters(), *head.parameters()],
+                                                               lr=cfg.embed_lr), "sampler": None,
+             "iteration": 0, "sigma2_sum": 0.0, "sigma2_count": 0, "version": 0, "triplets": None,
+             "margin": 0.2,  # UNSPECIFIED: Smart Mining's starting margin; its controller moves it
+             "gen": torch.Generator().manual_seed(cfg.seed + 1)}
+    if saved:
+        for key in ("net", "head", "opt"):
+            state[key].load_state_dict(saved[key])
+        state["gen"].set_state(saved["gen"])
+        state.update({k: saved[k] for k in SAVED_COUNTERS}, saved_losses=saved["losses"])
+    return state
 
 
 SAVED_COUNTERS = ("iteration", "sigma2_sum", "sigma2_count", "version", "margin")
@@ -1014,18 +1022,8 @@ SAVED_COUNTERS = ("iteration", "sigma2_sum", "sigma2_count", "version", "margin"
 
 def embedding_state_dict(state: dict) -> dict:
     s = state["sampler"]
-    return {"net": state["net"].state_dict(), "head": state["head"].state_dict(), "opt": state["opt"].state_dict(),
-            "gen": state["gen"].get_state(), **{k: state[k] for k in SAVED_COUNTERS},
-            "example_loss": s.example_loss if s else None, "seen": s.seen if s else None}
-
-
-def load_embedding_state(state: dict, saved: dict):
-    """Restore from a state loaded to the CPU (map_location="cpu"): the modules and Adam copy to their device."""
-    for key in ("net", "head", "opt"):
-        state[key].load_state_dict(saved[key])
-    state["gen"].set_state(saved["gen"])
-    state.update({k: saved[k] for k in SAVED_COUNTERS})
-    state["saved_losses"] = (saved["example_loss"], saved["seen"])
+    return {**{k: state[k].state_dict() for k in ("net", "head", "opt")}, "gen": state["gen"].get_state(),
+            **{k: state[k] for k in SAVED_COUNTERS}, "losses": (s.example_loss, s.seen) if s else None}
 
 
 QUALITY = ("embed_acc", "embed_recall1", "embed_nmi")  # how an index's embedding is judged on the test set
@@ -1045,8 +1043,8 @@ def embedding_refresh(state: dict, data: dict, cfg: Config, judge: bool = True) 
     if cfg.embed_loss == "magnet":
         if state["sampler"] is None:
             state["sampler"] = NeighbourhoodSampler(assign, centroids, cluster_class)
-            if "saved_losses" in state:
-                state["sampler"].example_loss, state["sampler"].seen = state.pop("saved_losses")
+            if losses := state.pop("saved_losses", None):
+                state["sampler"].example_loss, state["sampler"].seen = losses
         state["sampler"].reindex(assign, centroids, cluster_class)
     if cfg.embed_loss == "triplet_global":
         mine_and_adapt(state, emb, data["y_train"], cfg)
@@ -1263,10 +1261,8 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
         torch.set_num_threads(n_threads)
         seed_everything(cfg.seed + 1, cfg.deterministic)
         n = len(data["y_train"])
-        state = new_embedding_state(cfg, data["x_train"].shape[1:], int(data["y_train"].max()) + 1,
-                                    data["x_train"].device)
-        if cfg.resume and os.path.exists(state_path):
-            load_embedding_state(state, torch.load(state_path, weights_only=False, map_location="cpu"))
+        state = new_embedding_state(cfg, data, torch.load(state_path, weights_only=False, map_location="cpu")
+                                    if cfg.resume and os.path.exists(state_path) else None)
         every, warmup = cfg.refresh_iterations(n), cfg.warmup_iterations(n)
         index = embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
         while keep_going():
@@ -1307,9 +1303,10 @@ def spawn_embedding_process(cfg: Config) -> dict:
             "shared": {"status": status}, "checked": time.time(), "failure": None}
 
 
-def send_embedding_work(handle: dict, data: dict, n_clusters: int, dim: int, state_path: str, n_threads: int):
+def send_embedding_work(handle: dict, data: dict, cfg: Config, state_path: str, n_threads: int):
     """The data and the shared index to the waiting child; the handle keeps both alive until the child exits."""
-    handle["shared"] = make_shared_index(len(data["y_train"]), n_clusters, dim, data["x_train"].device,
+    n_clusters = (int(data["y_train"].max()) + 1) * cfg.k
+    handle["shared"] = make_shared_index(len(data["y_train"]), n_clusters, cfg.embed_dim, data["x_train"].device,
                                          handle["shared"]["status"])
     handle["data"] = {k: v.share_memory_() if v.device.type == "cpu" else v for k, v in data.items()}
     handle["inbox"].put((handle["data"], handle["shared"], state_path, n_threads))
@@ -1514,11 +1511,8 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, c
                  "iteration": 0, **dict.fromkeys(QUALITY)}
     if cfg.sampler != "spladvise" or st.embedding_done:
         return None, None, index
-    shape, n_classes = tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1
     if cfg.embed_mode == "inline":
-        estate = new_embedding_state(cfg, shape, n_classes, data["x_train"].device)
-        if ckpt:
-            load_embedding_state(estate, ckpt["embedding"])
+        estate = new_embedding_state(cfg, data, ckpt["embedding"] if ckpt else None)
         first = embedding_refresh(estate, data, cfg, judge=cfg.embed_warmup == 0)  # the sampler draws from it
         return None, estate, index or first
     state_path = os.path.join(cfg.run_dir, "embed_state.pt")
@@ -1531,8 +1525,7 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, c
     if embed_device.type == "cpu" and data["x_train"].device.type == "cpu":
         torch.set_num_threads(max(1, cores // 2))
     handle = handle or spawn_embedding_process(cfg)
-    send_embedding_work(handle, {k: v.to(embed_device) for k, v in data.items()}, n_classes * cfg.k, cfg.embed_dim,
-                        state_path, child_threads)
+    send_embedding_work(handle, {k: v.to(embed_device) for k, v in data.items()}, cfg, state_path, child_threads)
     print(f"[embedding] device={embed_device} threads={child_threads}", flush=True)
     return handle, None, index
 
@@ -1937,13 +1930,9 @@ def accuracy_curves(folder: str) -> dict:
     if os.path.exists(path := os.path.join(folder, "bench.json")):
         curves = {row: r["curve"] for row, r in json.load(open(path))["results"].items()}
     elif os.path.exists(path := os.path.join(folder, "aggregate.json")):
-        agg = json.load(open(path))
-        curves = {agg.get("sampler", "mean over seeds"): agg["curve"]}
+        curves = {(agg := json.load(open(path)))["sampler"]: agg["curve"]}
     else:
-        records = read_jsonl(os.path.join(folder, "metrics.jsonl"))
-        curves = {json.load(open(os.path.join(folder, "summary.json")))["sampler"]: {
-            "updates": [r["updates"] for r in records], "test_acc_mean": [r["test_acc"] for r in records],
-            "test_acc_std": [0.0] * len(records)}}
+        curves = {json.load(open(os.path.join(folder, "summary.json")))["sampler"]: aggregate_runs([folder])["curve"]}
     result = {}
     for name, c in curves.items():
         u, mean, std = (np.asarray(c[k], dtype=np.float64) for k in ("updates", "test_acc_mean", "test_acc_std"))
@@ -2028,13 +2017,11 @@ def parse_args(argv: list[str] | None) -> Config:
 
 def resolve_device(spec: str, flag: str) -> str:
     n_gpus = torch.cuda.device_count()
-    if spec == "auto":
-        return "cuda:0" if n_gpus else "cpu"
-    if spec == "cpu" or spec.lstrip("-").isdigit() and int(spec) < 0:
-        return "cpu"
-    spec = spec.removeprefix("cuda:")
-    if not spec.isdigit():
+    spec = {"auto": "0" if n_gpus else "-1", "cpu": "-1"}.get(spec, spec).removeprefix("cuda:")
+    if not spec.lstrip("-").isdigit():
         raise ConfigError(f"--{flag} {spec!r} is not a device; use a CUDA index such as 0, or -1 for the CPU")
+    if int(spec) < 0:
+        return "cpu"
     if int(spec) >= n_gpus:
         raise ConfigError(f"--{flag} {spec}: no such CUDA device ({n_gpus} visible); use -1 for the CPU"
                           + ("" if n_gpus else " (this torch sees no CUDA GPU)"))
@@ -2050,16 +2037,15 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"--dataset {cfg.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
     preset = cfg.preset if cfg.preset != "auto" else ("paper" if gpu.startswith("cuda") else "cpu")
-    budget_given = cfg.updates is not None or cfg.epochs is not None
-    values = {"embed_dim": 64, "embed_lr": 1e-4, "embed_warmup": 5.0, "embed_share": 1.0, "train_size": 0, "test_size": 0, "updates": 0, "epochs": 0,
-              **PRESETS[preset][cfg.dataset], **(BENCH_CPU if cfg.bench and preset == "cpu" else {})}
-    defaults = {k: v for k, v in values.items()
-                if getattr(cfg, k) is None and not (budget_given and k in ("updates", "epochs"))}
+    values = {"embed_dim": 64, "embed_lr": 1e-4, "embed_warmup": 5.0, "embed_share": 1.0, "train_size": 0,
+              "test_size": 0, "updates": 0, "epochs": 0.0, **PRESETS[preset][cfg.dataset],
+              **(BENCH_CPU if cfg.bench and preset == "cpu" else {})}
+    if cfg.updates is not None or cfg.epochs is not None:  # a budget given replaces the preset's
+        values.update(updates=0, epochs=0.0)
     if cfg.amp == "auto":  # bf16 where the GPU has it natively (Ampere on); emulated bf16 is slower than float32
-        amp = "on" if gpu.startswith("cuda") and torch.cuda.get_device_capability(gpu)[0] >= 8 else "off"
-    cfg = dataclasses.replace(cfg, gpu=gpu, embed_gpu=embed_gpu, preset=preset, **defaults,
-                              amp=amp if cfg.amp == "auto" else cfg.amp)
-    cfg = dataclasses.replace(cfg, updates=cfg.updates or 0, epochs=cfg.epochs or 0.0)
+        values["amp"] = "on" if gpu.startswith("cuda") and torch.cuda.get_device_capability(gpu)[0] >= 8 else "off"
+    cfg = dataclasses.replace(cfg, gpu=gpu, embed_gpu=embed_gpu, preset=preset,
+                              **{k: v for k, v in values.items() if getattr(cfg, k) in (None, "auto")})
     check_values(cfg)
     try:
         parse_augment(cfg.augment)
@@ -2133,17 +2119,6 @@ def prepare_run_dir(cfg: Config):
         os.remove(os.path.join(cfg.run_dir, "metrics.jsonl"))  # same run, never checkpointed: start afresh
 
 
-def run_requested(cfg: Config, stop_requested):
-    """The benchmark, --runs seeds (then their aggregate), or one training run."""
-    if cfg.bench:
-        run_bench(cfg, stop_requested)
-    elif cfg.runs > 1:
-        run_seeds(cfg, stop_requested)
-    else:
-        prepare_run_dir(cfg)
-        report(train(cfg, stop_requested), cfg, stop_requested, "the same flags and --resume")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 a failure during training (its cause printed), 2 bad input, 128 + signal number
     when stopped by SIGINT / SIGTERM after a clean checkpoint."""
@@ -2155,8 +2130,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(parse_args(argv))
         print("[config] " + json.dumps(dataclasses.asdict(cfg)), flush=True)
-        if cfg.bench or not (cfg.plot and finished_results(cfg.run_dir)):  # --plot --out DIR only draws DIR
-            run_requested(cfg, stop_requested)  # (a benchmark always runs: it reuses every finished run)
+        if cfg.bench:  # always runs: it reuses every finished run
+            run_bench(cfg, stop_requested)
+        elif cfg.runs > 1:
+            run_seeds(cfg, stop_requested)
+        elif not (cfg.plot and finished_results(cfg.run_dir)):  # --plot --out DIR only draws a finished DIR
+            prepare_run_dir(cfg)
+            report(train(cfg, stop_requested), cfg, stop_requested, "the same flags and --resume")
         if cfg.plot and not received:
             regimes = [os.path.join(cfg.run_dir, r) for r in BENCH_REGIMES if os.path.exists(
                 os.path.join(cfg.run_dir, r, "bench.json"))]  # a benchmark: each regime's rows
