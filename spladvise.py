@@ -947,7 +947,8 @@ def sync(device: torch.device):
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({len(os.sched_getaffinity(0))} cores)"
+    cores = len(os.sched_getaffinity(0))
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cores} cores)"
 
 
 def rng_states(device: torch.device) -> dict:
@@ -975,23 +976,10 @@ def forward_all(net, x, mean, std, batch: int, amp: bool = False) -> torch.Tenso
     """Outputs of `net` over uint8 images x (N, C, H, W), eval mode, no augmentation -> (N, n_out) float32."""
     was_training = net.training
     net.eval()
-    outs = []
-    for i in range(0, len(x), batch):
-        inputs = to_input(x[i:i + batch], mean, std)  # (b, C, H, W) float32
-        with autocast(x.device, amp):
-            outs.append(net(inputs).float())
+    with autocast(x.device, amp):  # to_input's elementwise ops stay float32 under autocast
+        outs = [net(to_input(x[i:i + batch], mean, std)).float() for i in range(0, len(x), batch)]  # (b, n_out) each
     net.train(was_training)
     return torch.cat(outs)  # (N, n_out)
-
-
-def score_samples(net, x, y, mean, std, batch) -> torch.Tensor:
-    """Alg. 2 steps 5-6: the student's cross-entropy L_i of every sample -> (N,). Always float32, whatever --amp:
-    Eq. 2 ranks these losses, and bf16 logits tie (ties then break by index and shift the ranks)."""
-    return F.cross_entropy(forward_all(net, x, mean, std, batch), y, reduction="none")  # (N,)
-
-
-def accuracy(net, x, y, mean, std, batch, amp: bool = False) -> float:
-    return (forward_all(net, x, mean, std, batch, amp).argmax(1) == y).float().mean().item()
 
 
 def new_embedding_state(cfg: Config, data: dict, saved: dict | None = None) -> dict:
@@ -1006,8 +994,9 @@ def new_embedding_state(cfg: Config, data: dict, saved: dict | None = None) -> d
     head = nn.Linear(cfg.embed_dim, n_classes).to(device) if cfg.embed_loss == "osm_caa" else nn.Identity()
     state = {"net": net, "head": head, "opt": torch.optim.Adam([*net.parameters(), *head.parameters()],
                                                                lr=cfg.embed_lr), "sampler": None,
-             "iteration": 0, "sigma2_sum": 0.0, "sigma2_count": 0, "version": 0, "triplets": None,
+             "iteration": 0, "sigma2_sum": 0.0, "version": 0, "triplets": None,
              "margin": 0.2,  # UNSPECIFIED: Smart Mining's starting margin; its controller moves it
+             "by_class": [(data["y_train"] == c).nonzero().flatten().cpu() for c in range(n_classes)],  # P x K batches
              "gen": torch.Generator().manual_seed(cfg.seed + 1)}
     if saved:
         for key in ("net", "head", "opt"):
@@ -1017,7 +1006,7 @@ def new_embedding_state(cfg: Config, data: dict, saved: dict | None = None) -> d
     return state
 
 
-SAVED_COUNTERS = ("iteration", "sigma2_sum", "sigma2_count", "version", "margin")
+SAVED_COUNTERS = ("iteration", "sigma2_sum", "version", "margin")
 
 
 def embedding_state_dict(state: dict) -> dict:
@@ -1031,15 +1020,17 @@ QUALITY = ("embed_acc", "embed_recall1", "embed_nmi")  # how an index's embeddin
 
 def embedding_refresh(state: dict, data: dict, cfg: Config, judge: bool = True) -> dict:
     """Alg. 1 step 2: embed the whole training set, per-class K-Means++, reindex the sampler (Smart Mining: mine
-    the triplets, move the margin). judge: also rate the embedding on the test set (None otherwise: the warm-up's
-    own refreshes, which no curriculum uses). -> the index {assign, centroids, cluster_class, version, iteration,
-    embed_acc, embed_recall1, embed_nmi}."""
-    emb = forward_all(state["net"], data["x_train"], data["mean"], data["std"], cfg.score_batch,
-                      cfg.amp == "on")  # (N, d)
-    if cfg.embed_loss == "osm_caa":  # UNSPECIFIED: its distances are between normalised embeddings; cluster those
-        emb = F.normalize(emb, dim=1)
+    every sample's hard triplet, then step the margin by the share of them it keeps active). judge: also rate the
+    embedding on the test set (None otherwise: the warm-up's own refreshes, which no curriculum uses) by Magnet
+    soft-vote accuracy (NOTES §2), Recall@1 and the NMI of class-agnostic K-Means (k = C), and save Fig. 2's
+    snapshot. -> the index {assign, centroids, cluster_class, version, iteration, embed_acc, embed_recall1,
+    embed_nmi}."""
+    def embed(x):  # UNSPECIFIED for osm_caa: its distances are between normalised embeddings; cluster those
+        emb = forward_all(state["net"], x, data["mean"], data["std"], cfg.score_batch, cfg.amp == "on")  # (n, d)
+        return F.normalize(emb, dim=1) if cfg.embed_loss == "osm_caa" else emb
+    emb, y, y_test = embed(data["x_train"]), data["y_train"], data["y_test"]  # (N, d), (N,), (N_test,)
     gen = torch.Generator(emb.device).manual_seed(cfg.seed + 1 + state["version"])
-    assign, centroids, cluster_class = build_cluster_index(emb, data["y_train"], cfg.k, cfg.kmeans_iters, gen)
+    assign, centroids, cluster_class = build_cluster_index(emb, y, cfg.k, cfg.kmeans_iters, gen)
     if cfg.embed_loss == "magnet":
         if state["sampler"] is None:
             state["sampler"] = NeighbourhoodSampler(assign, centroids, cluster_class)
@@ -1047,53 +1038,32 @@ def embedding_refresh(state: dict, data: dict, cfg: Config, judge: bool = True) 
                 state["sampler"].example_loss, state["sampler"].seen = losses
         state["sampler"].reindex(assign, centroids, cluster_class)
     if cfg.embed_loss == "triplet_global":
-        mine_and_adapt(state, emb, data["y_train"], cfg)
+        positives, negatives = state["triplets"] = mine_triplets(emb, y, torch.arange(len(y), device=emb.device),
+                                                                 cfg.neighbours)  # (N,), (N,)
+        d_pos, d_neg = (emb - emb[positives]).pow(2).sum(1), (emb - emb[negatives]).pow(2).sum(1)  # (N,), (N,)
+        active = (d_pos - d_neg + state["margin"] > 0).double().mean().item()
+        state["margin"] = triplet_margin_step(state["margin"], active, cfg.triplet_target)
+        print(f"[embedding] iteration={state['iteration']} triplet_active={active:.3f} "
+              f"margin={state['margin']:.4f}", flush=True)
     state["version"] += 1
     index = {"assign": assign, "centroids": centroids, "cluster_class": cluster_class, "version": state["version"],
              "iteration": state["iteration"], **dict.fromkeys(QUALITY)}
-    if judge:
-        variance = (state["sigma2_sum"] / state["sigma2_count"] if state["sigma2_count"] else  # σ̄² of Eq. 1, or
-                    (emb - centroids[assign]).pow(2).sum(1).mean().item())  # UNSPECIFIED: the index's own
-        index.update(judge_embedding(state, data, cfg, centroids, cluster_class, variance, gen))
-    return index
-
-
-def judge_embedding(state: dict, data: dict, cfg: Config, centroids, cluster_class, variance: float, gen) -> dict:
-    """The index's embedding on the test set: Magnet soft-vote accuracy (NOTES §2), Recall@1 and the NMI of
-    class-agnostic K-Means (k = C); saves Fig. 2's snapshot."""
-    test_emb = forward_all(state["net"], data["x_test"], data["mean"], data["std"], cfg.score_batch,
-                           cfg.amp == "on")  # (N_test, d)
-    if cfg.embed_loss == "osm_caa":
-        test_emb = F.normalize(test_emb, dim=1)
+    if not judge:
+        return index
+    variance = (state["sigma2_sum"] / state["iteration"] if cfg.embed_loss == "magnet" and state["iteration"] else
+                (emb - centroids[assign]).pow(2).sum(1).mean().item())  # σ̄² of Eq. 1, or UNSPECIFIED: the index's
+    test_emb = embed(data["x_test"])  # (N_test, d)
     predicted = magnet_predict(test_emb, centroids, cluster_class, variance, min(cfg.neighbours, len(centroids)))
     test_assign = kmeans_pp(test_emb, len(centroids) // cfg.k, cfg.kmeans_iters, gen)[1]  # (N_test,)
-    save_figure_sample(cfg.run_dir, state["version"], state["iteration"], test_emb, data["y_test"])
-    return {"embed_acc": (predicted == data["y_test"]).float().mean().item(),
-            "embed_recall1": recall_at_1(test_emb, data["y_test"]), "embed_nmi": nmi(test_assign, data["y_test"])}
-
-
-def mine_and_adapt(state: dict, emb: torch.Tensor, labels: torch.Tensor, cfg: Config):
-    """Smart Mining at a refresh: every sample's hard triplet from the whole set, then the controller's margin
-    step from the share of them the current margin keeps active (logged)."""
-    positives, negatives = mine_triplets(emb, labels, torch.arange(len(emb), device=emb.device), cfg.neighbours)
-    d_pos, d_neg = (emb - emb[positives]).pow(2).sum(1), (emb - emb[negatives]).pow(2).sum(1)  # (N,), (N,)
-    active = (d_pos - d_neg + state["margin"] > 0).double().mean().item()
-    state["triplets"] = (positives, negatives)
-    state["margin"] = triplet_margin_step(state["margin"], active, cfg.triplet_target)
-    print(f"[embedding] iteration={state['iteration']} triplet_active={active:.3f} "
-          f"margin={state['margin']:.4f}", flush=True)
-
-
-def save_figure_sample(folder: str, version: int, iteration: int, test_emb, y_test, per_class: int = 50):
-    """Fig. 2's input, C · per_class · d floats per judged index: the embedding of the first `per_class` test
-    images of each class -> OUT/embeddings/v{version}.pt, which --plot projects."""
+    # Fig. 2's input: the first 50 test images of each class, the same at every version -> OUT/embeddings/v*.pt
     order, rank, _ = rank_in_group(torch.arange(len(y_test), dtype=torch.float64, device=y_test.device), y_test)
-    idx = order[rank <= per_class]  # (S,) class-balanced, the same images at every version
-    path = os.path.join(folder, "embeddings", f"v{version:05d}.pt")
+    sample, path = order[rank <= 50], os.path.join(cfg.run_dir, "embeddings", f"v{state['version']:05d}.pt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"version": version, "iteration": iteration, "emb": test_emb[idx].cpu(),
-                "labels": y_test[idx].cpu()}, path + ".tmp")
+    torch.save({"version": state["version"], "iteration": state["iteration"], "emb": test_emb[sample].cpu(),
+                "labels": y_test[sample].cpu()}, path + ".tmp")
     os.replace(path + ".tmp", path)  # a killed writer leaves no torn file for --plot
+    return {**index, "embed_acc": (predicted == y_test).float().mean().item(),
+            "embed_recall1": recall_at_1(test_emb, y_test), "embed_nmi": nmi(test_assign, y_test)}
 
 
 def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
@@ -1105,17 +1075,19 @@ def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
     return min(nxt, warmup) if iteration < warmup else nxt
 
 
-def embedding_catch_up(state: dict, data: dict, cfg: Config) -> dict | None:
-    """Inline mode, before a selection: the child's schedule, run in this process. Train to the end of the warm-up
-    (refreshing every R on the way), or one more refresh interval after it. -> newest index, or None when frozen."""
+def embedding_schedule(state: dict, data: dict, cfg: Config, share: float = 1.0, keep_going=lambda: True):
+    """Alg. 1 as the child runs it and inline mode replays it: yield the current net's index (the sampler draws
+    from it), then train to each refresh (every R iterations and at the end of the warm-up; after the warm-up at
+    `share` of the wall time) and yield its index (Alg. 1 step 2), judged once a curriculum may use it. Ends when
+    frozen after the warm-up (R = -1) or when keep_going() says so."""
     n = len(data["y_train"])
     every, warmup = cfg.refresh_iterations(n), cfg.warmup_iterations(n)
-    target = warmup if state["iteration"] < warmup else next_refresh(state["iteration"], every, warmup)
-    index = None
-    while target is not None and state["iteration"] < target:
-        embedding_train(state, data, cfg, next_refresh(state["iteration"], every, warmup) - state["iteration"])
-        index = embedding_refresh(state, data, cfg, judge=state["iteration"] >= target)  # Alg. 1 step 2
-    return index
+    yield embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
+    while keep_going() and (target := next_refresh(state["iteration"], every, warmup)) is not None:
+        embedding_train(state, data, cfg, target - state["iteration"], keep_going,
+                        1.0 if state["iteration"] < warmup else share)
+        if keep_going():
+            yield embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
 
 
 def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_going=lambda: True, share=1.0):
@@ -1132,15 +1104,13 @@ def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_goi
         loss.backward()
         state["opt"].step()
         state["iteration"] += 1
-        values = loss.detach()[None] if not magnet else torch.cat([loss.detach()[None], magnet[2].detach()[None],
-                                                                     magnet[1].detach()])  # loss, σ², ℓ_b
-        values = values.double().cpu()  # (1,) or (2 + M*D,): the one sync
+        values = torch.cat([loss[None], *((magnet[2][None], magnet[1]) if magnet else ())]).detach().double().cpu()
+        # (1,) or (2 + M*D,): loss, then σ² and ℓ_b of the Magnet Loss, in the one sync
         if not math.isfinite(values[0]):
             raise NonFiniteLoss("embedding", state["iteration"])
         if magnet:
             state["sampler"].record(magnet[0], values[2:])
-            state["sigma2_sum"] += float(values[1])  # σ̄², the running mean of σ² used by magnet_predict
-            state["sigma2_count"] += 1
+            state["sigma2_sum"] += float(values[1])  # σ̄² = sigma2_sum / iteration, used by magnet_predict
         time.sleep((time.time() - t0) * (1 / share - 1))
 
 
@@ -1158,8 +1128,6 @@ def embedding_batch_loss(state: dict, data: dict, cfg: Config, device):
         idx_dev = idx.to(device, non_blocking=True)  # queued before the forward: no wait
         loss, per_example, sigma2 = magnet_loss(embed(idx_dev), y[idx_dev], clusters, cfg.alpha)
         return loss, (idx, per_example, sigma2)
-    if "by_class" not in state:
-        state["by_class"] = [(y == c).nonzero().flatten().cpu() for c in range(int(y.max()) + 1)]
     p = min(cfg.m, len(state["by_class"]))  # UNSPECIFIED: P = M classes × K = D images, the magnet batch's size
     idx = class_balanced_batch(state["by_class"], p, cfg.magnet_batch // p, state["gen"]).to(
         device, non_blocking=True)  # (P*K,)
@@ -1198,13 +1166,10 @@ def student_pass(net, opt, idx_pass, lrs: list, data, aug, batch: int, amp: bool
         loss.backward()
         opt.step()
         losses.append(loss.detach())
-    if not losses:
-        return 0, math.nan
-    losses = torch.stack(losses)  # (U,)
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        raise NonFiniteLoss("student", first_update + int(bad[0]) + 1)
-    return len(losses), losses.mean().item()
+    losses = torch.stack(losses) if losses else torch.zeros(0)  # (U,)
+    if not torch.isfinite(losses).all():
+        raise NonFiniteLoss("student", first_update + int((~torch.isfinite(losses)).nonzero()[0]) + 1)
+    return len(losses), losses.mean().item()  # NaN for a pass stopped before its first update
 
 
 # ---- 10. embedding process (Alg. 2 step 2: "in parallel with steps 3-16") --------------------------------
@@ -1223,13 +1188,6 @@ class EmbeddingFailed(Exception):
 
 
 STATUS = ("version", "iteration", *QUALITY, "cpu_s")  # the index's scalars (NaN: not judged), the child's CPU time
-
-
-def make_shared_index(n: int, n_clusters: int, dim: int, device: torch.device, status: torch.Tensor) -> dict:
-    index = {"assign": torch.zeros(n, dtype=torch.int64, device=device),
-             "centroids": torch.zeros(n_clusters, dim, device=device),
-             "cluster_class": torch.zeros(n_clusters, dtype=torch.int64, device=device)}
-    return {**{k: v.share_memory_() if v.device.type == "cpu" else v for k, v in index.items()}, "status": status}
 
 
 def publish(shared: dict, lock, index: dict):
@@ -1260,26 +1218,16 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
         cfg = Config(**cfg_dict)
         torch.set_num_threads(n_threads)
         seed_everything(cfg.seed + 1, cfg.deterministic)
-        n = len(data["y_train"])
         state = new_embedding_state(cfg, data, torch.load(state_path, weights_only=False, map_location="cpu")
                                     if cfg.resume and os.path.exists(state_path) else None)
-        every, warmup = cfg.refresh_iterations(n), cfg.warmup_iterations(n)
-        index = embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
-        while keep_going():
+        for index in embedding_schedule(state, data, cfg, cfg.embed_share, keep_going):  # --embed-share after warm-up
             publish(shared, lock, index)
             save_atomic(embedding_state_dict(state), state_path)
-            target = next_refresh(state["iteration"], every, warmup)
-            while target is None and keep_going():  # frozen after the warm-up: wait to be stopped
-                time.sleep(0.1)
-            if target is not None:  # after the warm-up, a bounded share of its core (--embed-share)
-                embedding_train(state, data, cfg, target - state["iteration"], keep_going,
-                                1.0 if state["iteration"] < warmup else cfg.embed_share)
-            if keep_going():  # Alg. 1 step 2, every R iterations; judged once a curriculum may use it
-                index = embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
+        while keep_going():  # frozen after the warm-up: wait to be stopped
+            time.sleep(0.1)
     except BaseException as e:
-        text = f"{type(e).__name__}: {e}"
         sys.stderr.write(f"[embedding] failed:\n{traceback.format_exc()}")
-        errors.put(text)
+        errors.put(f"{type(e).__name__}: {e}")
         errors.close()
         errors.join_thread()  # the message must leave before the process does
         sys.exit(1)
@@ -1305,10 +1253,12 @@ def spawn_embedding_process(cfg: Config) -> dict:
 
 def send_embedding_work(handle: dict, data: dict, cfg: Config, state_path: str, n_threads: int):
     """The data and the shared index to the waiting child; the handle keeps both alive until the child exits."""
-    n_clusters = (int(data["y_train"].max()) + 1) * cfg.k
-    handle["shared"] = make_shared_index(len(data["y_train"]), n_clusters, cfg.embed_dim, data["x_train"].device,
-                                         handle["shared"]["status"])
-    handle["data"] = {k: v.share_memory_() if v.device.type == "cpu" else v for k, v in data.items()}
+    share = lambda tensors: {k: v.share_memory_() if v.device.type == "cpu" else v for k, v in tensors.items()}
+    n, n_clusters, device = len(data["y_train"]), (int(data["y_train"].max()) + 1) * cfg.k, data["x_train"].device
+    handle["shared"] |= share({"assign": torch.zeros(n, dtype=torch.int64, device=device),
+                               "centroids": torch.zeros(n_clusters, cfg.embed_dim, device=device),
+                               "cluster_class": torch.zeros(n_clusters, dtype=torch.int64, device=device)})
+    handle["data"] = share(data)
     handle["inbox"].put((handle["data"], handle["shared"], state_path, n_threads))
 
 
@@ -1415,8 +1365,7 @@ def prepare_data(cfg: Config, device: torch.device) -> dict:
         return keep
     if cfg.val_size:
         val = subset(y_clean, cfg.val_size, "val-size")
-        rest = torch.ones(len(y), dtype=torch.bool)
-        rest[val] = False
+        rest = torch.ones(len(y), dtype=torch.bool).index_fill_(0, val, False)
         x_test, y_test, x, y, y_clean = x[val], y[val], x[rest], y[rest], y_clean[rest]
     elif cfg.test_size:
         keep = subset(y_test, cfg.test_size, "test-size")
@@ -1513,7 +1462,8 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, c
         return None, None, index
     if cfg.embed_mode == "inline":
         estate = new_embedding_state(cfg, data, ckpt["embedding"] if ckpt else None)
-        first = embedding_refresh(estate, data, cfg, judge=cfg.embed_warmup == 0)  # the sampler draws from it
+        estate["schedule"] = embedding_schedule(estate, data, cfg)
+        first = next(estate["schedule"])  # always drawn: the sampler draws from it
         return None, estate, index or first
     state_path = os.path.join(cfg.run_dir, "embed_state.pt")
     if ckpt and ckpt["embedding"] is not None and not os.path.exists(state_path):
@@ -1539,8 +1489,8 @@ def newest_index(cfg: Config, st: LoopState, handle, estate, data: dict, index, 
         if cfg.embed_share < 1 and newest is not None and newest["iteration"] >= warmup:
             torch.set_num_threads(cores)  # also after a resume, whose index came from the checkpoint
         return newest
-    if estate is not None and st.passes > 0 and not st.embedding_done:
-        return embedding_catch_up(estate, data, cfg) or index
+    if estate is not None and st.passes > 0 and not st.embedding_done:  # to the warm-up's end, or one refresh on
+        return next((new for new in estate["schedule"] if new["iteration"] >= warmup), index)
     return index
 
 
@@ -1588,17 +1538,6 @@ def lr_at(cfg: Config, done: Fraction) -> float:
     return cfg.lr * cfg.lr_decay ** sum(done >= Fraction(str(m)) for m in cfg.milestone_fractions)  # exact: 0.8 is 4/5
 
 
-def curriculum_groups(cfg: Config, data: dict, index: dict | None, warmup: int) -> torch.Tensor | None:
-    """The groups Eq. 2 spreads a selection over (N,): one for SPL and random-pace, the fixed pixel clusters for
-    SPLD, the embedding's clusters for SPL-ADVisE once an index from after its warm-up exists; None before that
-    and for random and InfoBatch, which never select by Eq. 2."""
-    if cfg.sampler in ("spl", "random-pace"):
-        return torch.zeros_like(data["y_train"])
-    if cfg.sampler == "spld" or (cfg.sampler == "spladvise" and index and index["iteration"] >= warmup):
-        return index["assign"].to(data["y_train"].device)
-    return None
-
-
 def choose_pass(cfg: Config, st: LoopState, net, data: dict, index: dict | None, warmup: int) -> dict:
     """Alg. 2 steps 5-13 for any sampler -> this pass's {idx (P,), weights (N,) or None, share (of the budget one
     update spends), lam, gamma, clusters_used, t_score, t_select, index_done (why no later pass needs a new index,
@@ -1612,7 +1551,11 @@ def choose_pass(cfg: Config, st: LoopState, net, data: dict, index: dict | None,
         kept, chosen["weights"] = infobatch_select(st.scores, cfg.prune_ratio, float(st.done), cfg.anneal)
         chosen["idx"] = kept.nonzero().flatten()
         return {**chosen, "share": 1 / (st.epochs * math.ceil(len(chosen["idx"]) / cfg.batch_size))}
-    groups = curriculum_groups(cfg, data, index, warmup)
+    groups = None  # Eq. 2's groups (N,): none for random, nor for SPL-ADVisE until an index from after its warm-up
+    if cfg.sampler in ("spl", "random-pace"):  # one group
+        groups = torch.zeros_like(data["y_train"])
+    elif cfg.sampler == "spld" or (cfg.sampler == "spladvise" and index and index["iteration"] >= warmup):
+        groups = index["assign"].to(device)  # SPLD's fixed pixel clusters, or the embedding's clusters
     if st.passes == 0 or groups is None:  # the first pass, and every pass until the warm-up's index: all samples
         return chosen
     if st.curriculum_start is None:  # UNSPECIFIED: the curriculum starts when its clusters exist (issue 17), so
@@ -1625,9 +1568,10 @@ def choose_pass(cfg: Config, st: LoopState, net, data: dict, index: dict | None,
     if cfg.sampler == "random-pace":  # the control of Wu et al. (NOTES §10): f_t of the samples, uniformly
         f = pace_fraction(t, cfg.f0, cfg.beta1, cfg.f_max)
         return {**chosen, "idx": torch.randperm(n, device=device)[:round(min(f, 1) * n)]}
-    t0 = time.time()
-    losses = score_samples(net, data["x_train"], data["y_train"], data["mean"], data["std"], cfg.score_batch)
-    sync(device)  # (N,) Alg. 2 steps 5-6
+    t0 = time.time()  # Alg. 2 steps 5-6 in float32 whatever --amp: bf16 logits tie, and ties shift Eq. 2's ranks
+    losses = F.cross_entropy(forward_all(net, data["x_train"], data["mean"], data["std"], cfg.score_batch),
+                             data["y_train"], reduction="none")  # (N,)
+    sync(device)
     t1 = time.time()
     rho0 = 0.0 if cfg.sampler == "spl" else cfg.rho0  # SPL: γ = 0, one group (NOTES §4)
     if t == 0:
@@ -1692,8 +1636,8 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             t_train = time.time() - t2
             st.updates, st.passes, st.done = st.updates + done, st.passes + 1, st.done + done * share
             # evaluate on the test set, log, checkpoint
-            test_acc = accuracy(net, data["x_test"], data["y_test"], data["mean"], data["std"], cfg.score_batch,
-                                cfg.amp == "on")
+            test_acc = (forward_all(net, data["x_test"], data["mean"], data["std"], cfg.score_batch, cfg.amp == "on")
+                        .argmax(1) == data["y_test"]).float().mean().item()
             st.best_acc, st.wall_s, st.cpu_s = max(st.best_acc, test_acc), st.wall_s + time.time() - t_start, \
                 st.cpu_s + time.process_time() - cpu_start
             t_start, cpu_start = time.time(), time.process_time()
@@ -1741,13 +1685,6 @@ def write_summary(cfg: Config, st: LoopState, device: torch.device) -> dict:
 
 
 # ---- 12. runs, seeds and benchmark -----------------------------------------------------------------------
-def curve_at(records: list[dict], grid: list[int]) -> list[float]:
-    """Test accuracy against updates, linearly interpolated at the grid's update counts (NaN before the first
-    evaluation and after the last: nothing was measured there; InfoBatch ends early)."""
-    updates, accs = [r["updates"] for r in records], [r["test_acc"] for r in records]
-    return np.interp(grid, updates, accs, left=np.nan, right=np.nan).tolist()
-
-
 def mean_std(values: list[float]) -> dict:
     """Mean and sample standard deviation (ddof = 1; 0 for a single run)."""
     v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)  # NaN: not measured in that run
@@ -1783,19 +1720,14 @@ def aggregate_runs(run_dirs: list[str], n_points: int = 20) -> dict:
     runs = [run_stats(d) for d in run_dirs]
     budget = json.load(open(os.path.join(run_dirs[0], "summary.json")))["budget"]
     grid = sorted({max(1, round(budget * i / n_points)) for i in range(1, n_points + 1)})
-    at = np.array([curve_at(r["metrics"], grid) for r in runs])  # (runs, points)
+    at = np.array([np.interp(grid, [m["updates"] for m in r["metrics"]], [m["test_acc"] for m in r["metrics"]],
+                             left=np.nan, right=np.nan) for r in runs])  # (runs, points), NaN where none was measured
     result = {key: mean_std([r[key] for r in runs]) for key, v in runs[0].items() if isinstance(v, (int, float))}
     result.update({key: sum((r[key] for r in runs), []) for key in ("used_acc", "used_recall1")})
     result.update(runs=run_dirs, metrics=[r["metrics"] for r in runs], curve={
         "updates": grid, "test_acc_mean": at.mean(0).tolist(),
         "test_acc_std": at.std(0, ddof=1).tolist() if len(at) > 1 else [0.0] * len(grid)})
     return result
-
-
-def seed_runs(cfg: Config) -> list[Config]:
-    """--runs N: one Config per seed, seed .. seed+N-1, each under OUT/seed-S."""
-    return [dataclasses.replace(cfg, seed=seed, runs=1, out=os.path.join(cfg.run_dir, f"seed-{seed}"))
-            for seed in range(cfg.seed, cfg.seed + cfg.runs)]
 
 
 def config_changes(saved: dict, cfg: Config) -> list[str]:
@@ -1827,15 +1759,18 @@ def report(summary: dict, cfg: Config, stop_requested, again: str) -> bool:
 
 
 def run_seeds(cfg: Config, stop_requested=lambda: False) -> dict | None:
-    """--runs N (and each benchmark row): every seed in turn, reusing a finished run and resuming one cut short,
-    then OUT/aggregate.json. -> the aggregate, None if a run ended short (a signal, --max-minutes)."""
-    for run in seed_runs(cfg):
+    """--runs N (and each benchmark row): seeds seed .. seed+N-1 in turn, each under OUT/seed-S, reusing a finished
+    run and resuming one cut short, then OUT/aggregate.json. -> the aggregate, None if a run ended short (a signal,
+    --max-minutes)."""
+    runs = [dataclasses.replace(cfg, seed=seed, runs=1, out=os.path.join(cfg.run_dir, f"seed-{seed}"))
+            for seed in range(cfg.seed, cfg.seed + cfg.runs)]
+    for run in runs:
         if not run_finished(run):
             run = dataclasses.replace(run, resume=os.path.exists(os.path.join(run.run_dir, "ckpt.pt")))
             prepare_run_dir(run)
             if stop_requested() or not report(train(run, stop_requested), run, stop_requested, "the same command"):
                 return None
-    result = aggregate_runs([run.run_dir for run in seed_runs(cfg)])
+    result = aggregate_runs([run.run_dir for run in runs])
     with open(os.path.join(cfg.run_dir, "aggregate.json"), "w") as f:
         json.dump({"sampler": cfg.sampler, **{k: v for k, v in result.items() if k != "metrics"}}, f, indent=1)
     print(f"[runs] {cfg.sampler}: final acc {result['final_acc']['mean']:.4f} ± {result['final_acc']['std']:.4f} "
@@ -1995,7 +1930,7 @@ CHOICES = {"dataset": DATASETS, "sampler": ("spladvise", "spld", "spl", "random"
            "pace": ("quantile", "absolute", "rank"),
            "student": NETS, "embed_net": NETS, "embed_loss": ("magnet", "osm_caa", "triplet_global", "dml_crc")}
 RUNTIME_FIELDS = {"resume", "max_minutes", "gpu", "embed_gpu", "out", "data_dir", "download", "compile", "runs",
-                  "bench", "regime", "plot", "amp"}  # may change on --resume; the other fields must match the checkpoint's
+                  "bench", "regime", "plot", "amp"}  # may change on --resume; the others must match the checkpoint's
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -2032,13 +1967,9 @@ def resolve_config(cfg: Config) -> Config:
     """Devices and the preset's defaults filled in, then every value checked; ConfigError names the bad one."""
     gpu = resolve_device(cfg.gpu, "gpu")
     embed_gpu = "same" if cfg.embed_gpu == "same" else resolve_device(cfg.embed_gpu, "embed-gpu")
-    if cfg.preset not in CHOICES["preset"]:
-        raise ConfigError(f"--preset {cfg.preset!r} is unknown; choose one of {', '.join(CHOICES['preset'])}")
-    if cfg.dataset not in DATASETS:
-        raise ConfigError(f"--dataset {cfg.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
     preset = cfg.preset if cfg.preset != "auto" else ("paper" if gpu.startswith("cuda") else "cpu")
     values = {"embed_dim": 64, "embed_lr": 1e-4, "embed_warmup": 5.0, "embed_share": 1.0, "train_size": 0,
-              "test_size": 0, "updates": 0, "epochs": 0.0, **PRESETS[preset][cfg.dataset],
+              "test_size": 0, "updates": 0, "epochs": 0.0, **PRESETS.get(preset, {}).get(cfg.dataset, {}),
               **(BENCH_CPU if cfg.bench and preset == "cpu" else {})}
     if cfg.updates is not None or cfg.epochs is not None:  # a budget given replaces the preset's
         values.update(updates=0, epochs=0.0)
@@ -2077,11 +2008,12 @@ RANGES = [  # (flags, test, the rule a message states)
 
 def check_values(cfg: Config):
     """Every choice among CHOICES (or lenet-W, wrn-D-W) and every number in its RANGES; ConfigError names the bad
-    value and the fix."""
+    value and the fix. CHOICES' order matters: a bad dataset or preset is named before the nets it left unset."""
+    net = lambda v: (re.fullmatch(r"lenet-[1-9]\d*", v)  # lenet-WIDTH, or wrn-DEPTH-WIDTH with depth = 6n + 4
+                     or re.fullmatch(r"wrn-\d+-\d+", v) and int(v.split("-")[1]) % 6 == 4)
     for name, choices in CHOICES.items():
         value = getattr(cfg, name)
-        if value not in choices and not (name in ("student", "embed_net") and (re.fullmatch(r"lenet-[1-9]\d*", value)
-                                          or re.fullmatch(r"wrn-\d+-\d+", value) and (int(value.split("-")[1]) - 4) % 6 == 0)):
+        if value not in choices and not (name in ("student", "embed_net") and net(value)):
             raise ConfigError(f"--{name.replace('_', '-')} {value!r} is unknown; choose one of {', '.join(choices)}")
     for names, ok, rule in RANGES:
         for name in names:
@@ -2147,7 +2079,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (EmbeddingFailed, NonFiniteLoss) as e:
         ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
-        last = (f"last good checkpoint: {ckpt} (update {torch.load(ckpt, weights_only=False, map_location='cpu')['state']['updates']})"
+        last = (f"last good checkpoint: {ckpt} (update "
+                f"{torch.load(ckpt, weights_only=False, map_location='cpu')['state']['updates']})"
                 if os.path.exists(ckpt) else "no checkpoint was written yet")
         print(f"error: {e}; {last}", file=sys.stderr)
         return 1
