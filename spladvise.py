@@ -1866,7 +1866,7 @@ def accuracy_curves(folder: str) -> dict:
     if os.path.exists(path := os.path.join(folder, "bench.json")):
         curves = {row: r["curve"] for row, r in json.load(open(path))["results"].items()}
     elif os.path.exists(path := os.path.join(folder, "aggregate.json")):
-        curves = {(agg := json.load(open(path)))["sampler"]: agg["curve"]}
+        curves = {(agg := json.load(open(path))).get("sampler", "mean over seeds"): agg["curve"]}  # older: no name
     else:
         curves = {json.load(open(os.path.join(folder, "summary.json")))["sampler"]: aggregate_runs([folder])["curve"]}
     result = {}
