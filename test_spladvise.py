@@ -221,6 +221,19 @@ def test_every_net_maps_a_batch_to_n_outputs_and_trains(name, size, channels):
     assert out.shape == (2, 7) and all(torch.isfinite(p.grad).all() for p in net.parameters())
 
 
+def test_lenet_pools_before_its_relus_with_the_textbook_function_and_gradient():
+    """LeNet's max-pool before ReLU equals conv-ReLU-pool (ReLU is monotone), outputs and gradients, float64."""
+    net = S.make_net("lenet-4", 1, 5, 28).double()
+    conv1, conv2 = net.features[0], net.features[3]
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    textbook = net.head(torch.max_pool2d(torch.relu(conv2(torch.max_pool2d(torch.relu(conv1(x)), 2))), 2))
+    ours = net(x)
+    grads = [torch.autograd.grad(out.square().sum(), list(net.parameters())) for out in (textbook, ours)]
+    assert [type(m).__name__ for m in net.features] == ["Conv2d", "MaxPool2d", "ReLU"] * 2
+    assert torch.allclose(ours, textbook, rtol=0, atol=1e-12)
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(*grads))
+
+
 # ---- 5. K-Means++ and the cluster index ------------------------------------------------------------------
 def blobs(centres, n_per, spread, seed):
     g = torch.Generator().manual_seed(seed)
@@ -1184,7 +1197,8 @@ def test_bench_regimes_are_data_and_every_spl_row_paces_as_the_authors_code():
 @needs_fmnist
 def test_bench_stopped_mid_run_resumes_that_run_and_reuses_every_finished_one(tmp_path, monkeypatch, capsys):
     """A benchmark cut short (here after the first pass of its first run) and started again resumes that run from
-    its checkpoint, trains the rest, and a third start trains nothing: every finished run is reused."""
+    its checkpoint, trains the rest seed by seed across the rows, and a third start trains nothing: every finished
+    run is reused."""
     monkeypatch.setattr(S, "BENCH_REGIMES", {"clean": (1, {}, {"random": dict(sampler="random"),
                                                                 "spl": dict(sampler="spl")})})
     cfg = S.resolve_config(S.parse_args(TINY + ["--updates", "20", "--bench", "--runs", "2", "--out",
@@ -1195,8 +1209,8 @@ def test_bench_stopped_mid_run_resumes_that_run_and_reuses_every_finished_one(tm
     calls, train = [], S.train
     monkeypatch.setattr(S, "train", lambda run, stop: calls.append((run.run_dir, run.resume)) or train(run, stop))
     results = S.run_bench(cfg)
-    assert calls == [(str(first), True), (str(tmp_path / "clean" / "random" / "seed-1"), False),
-                     *((str(tmp_path / "clean" / "spl" / f"seed-{s}"), False) for s in (0, 1))]
+    assert calls == [(str(first), True), *((str(tmp_path / "clean" / row / f"seed-{s}"), False)
+                                           for s, row in ((0, "spl"), (1, "random"), (1, "spl")))]  # seed by seed
     assert read_metrics(first)[-1]["updates"] == 20 and results["clean"]["spl"]["final_acc"]["n"] == 2
     table = (tmp_path / "bench.md").read_text()
     calls.clear()
