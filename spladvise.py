@@ -65,6 +65,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 import traceback
 import typing
@@ -920,11 +921,7 @@ def infobatch_select(scores: torch.Tensor, prune_ratio: float, progress: float, 
 
 # ---- 9. training steps and evaluation --------------------------------------------------------------------
 class NonFiniteLoss(Exception):
-    """A loss became NaN or inf; `network` names which one, `update` the step."""
-
-    def __init__(self, network: str, update: int):
-        super().__init__(f"non-finite loss in the {network} network at update {update}")
-        self.network, self.update = network, update
+    """A loss became NaN or inf; the message names the network and the update."""
 
 
 def seed_everything(seed: int, deterministic: bool = False):
@@ -948,11 +945,6 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def device_name(device: torch.device) -> str:
-    cores = len(os.sched_getaffinity(0))
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cores} cores)"
-
-
 def rng_states(device: torch.device) -> dict:
     """Every generator the student draws from, as CPU tensors: a checkpoint loads on any device."""
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -965,6 +957,18 @@ def set_rng_states(states: dict, device: torch.device):
     torch.set_rng_state(states["torch"].cpu())
     if device.type == "cuda" and states["cuda"] is not None:  # a run saved on the CPU keeps CUDA's fresh stream
         torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+
+
+def save_atomic(obj, path: str):
+    """torch.save to a temporary file, fsync, then os.replace: the file on disk is always a complete one.
+    SPLADVISE_SLOW_CHECKPOINT=SECONDS (tests only) sleeps before the rename, to let a test kill the writer."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    time.sleep(float(os.environ.get("SPLADVISE_SLOW_CHECKPOINT", 0)))
+    os.replace(tmp, path)
 
 
 def build_net(name, shape, n_out, dropout, device) -> nn.Module:
@@ -1061,9 +1065,8 @@ def embedding_refresh(state: dict, data: dict, cfg: Config, judge: bool = True) 
     order, rank, _ = rank_in_group(torch.arange(len(y_test), dtype=torch.float64, device=y_test.device), y_test)
     sample, path = order[rank <= 50], os.path.join(cfg.run_dir, "embeddings", f"v{state['version']:05d}.pt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"version": state["version"], "iteration": state["iteration"], "emb": test_emb[sample].cpu(),
-                "labels": y_test[sample].cpu()}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a killed writer leaves no torn file for --plot
+    save_atomic({"version": state["version"], "iteration": state["iteration"], "emb": test_emb[sample].cpu(),
+                 "labels": y_test[sample].cpu()}, path)  # a killed writer leaves no torn file for --plot
     return {**index, "embed_acc": (predicted == y_test).float().mean().item(),
             "embed_recall1": recall_at_1(test_emb, y_test), "embed_nmi": nmi(test_assign, y_test)}
 
@@ -1109,7 +1112,7 @@ def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_goi
         values = torch.cat([loss[None], *((magnet[2][None], magnet[1]) if magnet else ())]).detach().double().cpu()
         # (1,) or (2 + M*D,): loss, then σ² and ℓ_b of the Magnet Loss, in the one sync
         if not math.isfinite(values[0]):
-            raise NonFiniteLoss("embedding", state["iteration"])
+            raise NonFiniteLoss(f"non-finite loss in the embedding network at update {state['iteration']}")
         if magnet:
             state["sampler"].record(magnet[0], values[2:])
             state["sigma2_sum"] += float(values[1])  # σ̄² = sigma2_sum / iteration, used by magnet_predict
@@ -1170,7 +1173,8 @@ def student_pass(net, opt, idx_pass, lrs: list, data, aug, batch: int, amp: bool
         losses.append(loss.detach())
     losses = torch.stack(losses) if losses else torch.zeros(0)  # (U,)
     if not torch.isfinite(losses).all():
-        raise NonFiniteLoss("student", first_update + int((~torch.isfinite(losses)).nonzero()[0]) + 1)
+        bad = first_update + int((~torch.isfinite(losses)).nonzero()[0]) + 1
+        raise NonFiniteLoss(f"non-finite loss in the student network at update {bad}")
     return len(losses), losses.mean().item()  # NaN for a pass stopped before its first update
 
 
@@ -1238,19 +1242,23 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
 
 
 def spawn_embedding_process(cfg: Config) -> dict:
-    """Start the child before the student loads its data, and waiting for send_embedding_work. It forks from a
-    server process that imported torch once (3 s of CPU, with torch._dynamo, which torch.optim imports on first use):
-    the first child's imports overlap the student's start, later ones (--runs, --bench) start at once."""
+    """Start the child, from a thread, before the student loads its data; it waits for send_embedding_work. It
+    forks from a server process that imports torch once (3 s of CPU, with torch._dynamo, which torch.optim imports
+    on first use), and Process.start() returns only then: the thread lets the student load its data meanwhile.
+    Later children (--runs, --bench) start at once."""
     ctx = mp.get_context("forkserver")  # spawn's clean start (safe with CUDA and threads), without re-imports
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.optim"])
     lock, stop, errors, inbox = ctx.Lock(), ctx.Event(), ctx.Queue(), ctx.Queue()
     status = torch.zeros(len(STATUS), dtype=torch.float64).share_memory_()
     proc = ctx.Process(target=embedding_worker, name="spladvise-embedding", daemon=True,
                        args=(dataclasses.asdict(cfg), inbox, status, lock, stop, errors))
-    proc.start()
-    print(f"[embedding] pid={proc.pid}", flush=True)
-    return {"proc": proc, "inbox": inbox, "lock": lock, "stop": stop, "errors": errors, "data": None,
-            "shared": {"status": status}, "checked": time.time(), "failure": None}
+    def start():
+        proc.start()
+        print(f"[embedding] pid={proc.pid}\n", end="", flush=True)  # one write: no other line splits it
+    starting = threading.Thread(target=start, daemon=True)
+    starting.start()
+    return {"proc": proc, "starting": starting, "inbox": inbox, "lock": lock, "stop": stop, "errors": errors,
+            "data": None, "shared": {"status": status}, "checked": time.time(), "failure": None, "cores": None}
 
 
 def send_embedding_work(handle: dict, data: dict, cfg: Config, state_path: str, n_threads: int):
@@ -1267,7 +1275,7 @@ def send_embedding_work(handle: dict, data: dict, cfg: Config, state_path: str, 
 def check_embedding_process(handle: dict):
     """Raise EmbeddingFailed, with the child's exception text or exit signal, if the child is gone."""
     proc = handle["proc"]
-    if proc.is_alive():
+    if handle["starting"].is_alive() or proc.is_alive():
         return
     try:
         cause = handle["errors"].get(timeout=2)
@@ -1302,6 +1310,9 @@ def stop_embedding_process(handle: dict) -> float:
     """Ask the child to stop; terminate, then kill it if it does not within a few seconds. -> its CPU seconds."""
     proc = handle["proc"]
     handle["stop"].set()
+    handle["starting"].join()
+    if proc.pid is None:  # its start failed (the thread printed why)
+        return 0.0
     proc.join(5 if handle["data"] is not None else 0.1)  # a child without work holds nothing to save
     if proc.is_alive():
         proc.terminate()
@@ -1315,18 +1326,6 @@ def stop_embedding_process(handle: dict) -> float:
 # ---- 11. student loop (Alg. 2) ---------------------------------------------------------------------------
 class ConfigError(Exception):
     """A bad flag or a flag that does not fit the data; main() prints it and exits with code 2."""
-
-
-def save_atomic(obj, path: str):
-    """torch.save to a temporary file, fsync, then os.replace: the file on disk is always a complete one.
-    SPLADVISE_SLOW_CHECKPOINT=SECONDS (tests only) sleeps before the rename, to let a test kill the writer."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    time.sleep(float(os.environ.get("SPLADVISE_SLOW_CHECKPOINT", 0)))
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: str, max_updates: float = math.inf) -> list[dict]:
@@ -1478,19 +1477,17 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, c
         torch.set_num_threads(max(1, cores // 2))
     handle = handle or spawn_embedding_process(cfg)
     send_embedding_work(handle, {k: v.to(embed_device) for k, v in data.items()}, cfg, state_path, child_threads)
+    if cfg.embed_share < 1:  # once the child trains at --embed-share, the student takes every core
+        handle["cores"], handle["warmup"] = cores, cfg.warmup_iterations(len(data["y_train"]))
     print(f"[embedding] device={embed_device} threads={child_threads}", flush=True)
     return handle, None, index
 
 
-def newest_index(cfg: Config, st: LoopState, handle, estate, data: dict, index, warmup: int, cores: int):
+def newest_index(st: LoopState, handle, estate, data: dict, index, warmup: int):
     """Alg. 2 step 2 before a pass: the child's newest index from after its warm-up (read, never waited for), or
-    inline the embedding's next stretch of training. Once the warm-up's index is in and the child only takes
-    --embed-share of its core, the student takes every core."""
+    inline the embedding's next stretch of training."""
     if handle is not None:
-        newest = latest_index(handle, warmup, index)
-        if cfg.embed_share < 1 and newest is not None and newest["iteration"] >= warmup:
-            torch.set_num_threads(cores)  # also after a resume, whose index came from the checkpoint
-        return newest
+        return latest_index(handle, warmup, index)
     if estate is not None and st.passes > 0 and not st.embedding_done:  # to the warm-up's end, or one refresh on
         return next((new for new in estate["schedule"] if new["iteration"] >= warmup), index)
     return index
@@ -1587,14 +1584,18 @@ def choose_pass(cfg: Config, st: LoopState, net, data: dict, index: dict | None,
 
 
 def should_stop(cfg: Config, st: LoopState, t_start: float, handle: dict | None, stop_requested) -> bool:
-    """Signals, the --max-minutes budget, and (every 2 s) the embedding child's liveness: a dead child is kept in
-    handle["failure"], raised once the pass has been checkpointed."""
-    if handle is not None and handle["failure"] is None and time.time() - handle["checked"] > 2:
+    """Signals, the --max-minutes budget, and (every 0.5 s) the embedding child: a dead child is kept in
+    handle["failure"], raised once the pass has been checkpointed; once it has published its warm-up's index (it
+    then trains at --embed-share), the student takes every core, mid-pass."""
+    if handle is not None and handle["failure"] is None and time.time() - handle["checked"] > 0.5:
         handle["checked"] = time.time()
         try:
             check_embedding_process(handle)
         except EmbeddingFailed as e:
             handle["failure"] = e
+        if handle["cores"] and handle["shared"]["status"][1] >= handle["warmup"]:
+            torch.set_num_threads(handle["cores"])  # also after a resume: its child publishes at once
+            handle["cores"] = None
     timed_out = cfg.max_minutes and st.wall_s + time.time() - t_start > 60 * cfg.max_minutes
     return bool(stop_requested() or timed_out or (handle is not None and handle["failure"]))
 
@@ -1616,7 +1617,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             t0 = time.time()
             # Alg. 2 step 2: the newest clusters from after the embedding's warm-up, never waited for (inline
             # mode trains the embedding here instead: work, not waiting)
-            index = newest_index(cfg, st, handle, estate, data, index, warmup, cores)
+            index = newest_index(st, handle, estate, data, index, warmup)
             t_embed = time.time() - t0
             # Alg. 2 steps 5-13, 16: this pass's samples and weights (Eq. 2 for the curricula)
             chosen = choose_pass(cfg, st, net, data, index, warmup)
@@ -1676,8 +1677,9 @@ def write_summary(cfg: Config, st: LoopState, device: torch.device) -> dict:
     summary = {"final_acc": records[-1]["test_acc"] if records else None, "best_acc": st.best_acc,
                "updates": st.updates, "budget": st.budget, "complete": st.done >= 1, "wall_s": st.wall_s,
                "cpu_s": st.cpu_s, "embed_cpu_s": st.embed_cpu_s, "curriculum_start": st.curriculum_start,
-               "device": device_name(device), "torch": torch.__version__, "sampler": cfg.sampler, "seed": cfg.seed,
-               "evaluated_on": "validation" if cfg.val_size else "test"}
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"cpu ({len(os.sched_getaffinity(0))} cores)", "torch": torch.__version__, "sampler": cfg.sampler,
+               "seed": cfg.seed, "evaluated_on": "validation" if cfg.val_size else "test"}
     if cfg.sampler not in ("random", "infobatch") and st.curriculum_start is None:
         summary["note"] = "no selection ran (the embedding's warm-up never arrived): this run is random sampling"
         print(f"[student] {summary['note']}", flush=True)

@@ -905,7 +905,7 @@ def test_process_mode_trains_while_the_embedding_child_publishes_new_indexes(tmp
     assert ckpt["state"]["updates"] == 200 and ckpt["embedding"]["net"] and ckpt["index"]["assign"].shape == (600,)
     assert 0 < ckpt["state"]["embed_cpu_s"] <= summary["embed_cpu_s"]  # a resume keeps the live child's CPU time
     pid = int(r.stdout.split("[embedding] pid=")[1].split()[0])
-    assert not pid_alive(pid) and r.stdout.index("[embedding] pid=") < r.stdout.index("[student] device=")  # first
+    assert not pid_alive(pid)
 
 
 def warmup_iterations(epochs, n=600, magnet_batch=16):
