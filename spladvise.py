@@ -1277,6 +1277,8 @@ def check_embedding_process(handle: dict):
     proc = handle["proc"]
     if handle["starting"].is_alive() or proc.is_alive():
         return
+    if proc.pid is None:
+        raise EmbeddingFailed("the embedding process could not be started (its traceback is above)")
     try:
         cause = handle["errors"].get(timeout=2)
     except queue.Empty:
@@ -1307,16 +1309,13 @@ def latest_index(handle: dict, min_iteration: int, known: dict | None) -> dict |
 
 
 def stop_embedding_process(handle: dict) -> float:
-    """Ask the child to stop; terminate, then kill it if it does not within a few seconds. -> its CPU seconds."""
+    """Ask the child to stop; kill it if it does not within 5 s (0.1 s before it has work). -> its CPU seconds."""
     proc = handle["proc"]
     handle["stop"].set()
     handle["starting"].join()
     if proc.pid is None:  # its start failed (the thread printed why)
         return 0.0
     proc.join(5 if handle["data"] is not None else 0.1)  # a child without work holds nothing to save
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(3)
     if proc.is_alive():
         proc.kill()
         proc.join()
@@ -1483,7 +1482,7 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, c
     return handle, None, index
 
 
-def newest_index(st: LoopState, handle, estate, data: dict, index, warmup: int):
+def newest_index(st: LoopState, handle, estate, index, warmup: int):
     """Alg. 2 step 2 before a pass: the child's newest index from after its warm-up (read, never waited for), or
     inline the embedding's next stretch of training."""
     if handle is not None:
@@ -1593,7 +1592,8 @@ def should_stop(cfg: Config, st: LoopState, t_start: float, handle: dict | None,
             check_embedding_process(handle)
         except EmbeddingFailed as e:
             handle["failure"] = e
-        if handle["cores"] and handle["shared"]["status"][1] >= handle["warmup"]:
+        version, iteration = handle["shared"]["status"][:2].tolist()
+        if handle["cores"] and version >= 1 and iteration >= handle["warmup"]:
             torch.set_num_threads(handle["cores"])  # also after a resume: its child publishes at once
             handle["cores"] = None
     timed_out = cfg.max_minutes and st.wall_s + time.time() - t_start > 60 * cfg.max_minutes
@@ -1617,7 +1617,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             t0 = time.time()
             # Alg. 2 step 2: the newest clusters from after the embedding's warm-up, never waited for (inline
             # mode trains the embedding here instead: work, not waiting)
-            index = newest_index(st, handle, estate, data, index, warmup)
+            index = newest_index(st, handle, estate, index, warmup)
             t_embed = time.time() - t0
             # Alg. 2 steps 5-13, 16: this pass's samples and weights (Eq. 2 for the curricula)
             chosen = choose_pass(cfg, st, net, data, index, warmup)

@@ -60,11 +60,14 @@ def pid_alive(pid):
 
 
 def wait_for_line(proc, needle, timeout):
-    """Read proc's stdout until a line contains needle; -> that line."""
-    deadline = time.time() + timeout
-    for line in proc.stdout:
+    """Read proc's stdout until a line contains needle; -> that line. The child prints its pid once its start
+    returns, among the student's first lines: the lines read while waiting for it are kept for the next wait."""
+    backlog, skipped, deadline = getattr(proc, "backlog", []), [], time.time() + timeout
+    while line := backlog.pop(0) if backlog else proc.stdout.readline():
         if needle in line:
+            proc.backlog = (skipped if needle == "[embedding] pid=" else []) + backlog
             return line
+        skipped.append(line)
         assert time.time() < deadline, f"no '{needle}' within {timeout}s"
     raise AssertionError(f"process ended before printing '{needle}': {proc.stderr.read()}")
 
@@ -1267,7 +1270,7 @@ def test_embedding_child_that_raises_stops_the_run_with_its_message(tmp_path):
 
 @needs_fmnist
 def test_sigkilled_embedding_child_is_noticed_within_seconds(tmp_path):
-    """The student checks the child's liveness every 2 s: a SIGKILLed child ends the run (exit 1) naming the
+    """The student checks the child's liveness every 0.5 s: a SIGKILLed child ends the run (exit 1) naming the
     signal, with a loadable checkpoint."""
     out = tmp_path / "run"
     proc = start(TINY + ["--updates", "5000"], out)
@@ -1285,9 +1288,9 @@ def test_sigkilled_embedding_child_is_noticed_within_seconds(tmp_path):
 def test_a_child_that_dies_before_publishing_names_exclusive_process_mode_and_inline(tmp_path):
     """A child that dies before its first index (as one does that cannot open its CUDA tensors on a GPU in
     exclusive-process mode) ends the run with exit 1 and a message naming that cause and --embed-mode inline."""
-    proc = start(TINY + ["--updates", "5000"], tmp_path / "run")
+    proc = start(TINY + ["--updates", "5000", "--train-size", "20000"], tmp_path / "run")
     pid = int(wait_for_line(proc, "[embedding] pid=", 60).split("pid=")[1].split()[0])
-    os.kill(pid, signal.SIGKILL)  # its start alone (importing torch) takes seconds: nothing is published yet
+    os.kill(pid, signal.SIGKILL)  # its first index embeds 20,000 images first (seconds): nothing is published yet
     assert proc.wait(60) == 1
     err = proc.stderr.read()
     assert "SIGKILL" in err and "exclusive-process" in err and "--embed-mode inline" in err, err
