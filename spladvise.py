@@ -65,7 +65,6 @@ import random
 import re
 import signal
 import sys
-import threading
 import time
 import traceback
 import typing
@@ -1242,23 +1241,21 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
 
 
 def spawn_embedding_process(cfg: Config) -> dict:
-    """Start the child, from a thread, before the student loads its data; it waits for send_embedding_work. It
-    forks from a server process that imports torch once (3 s of CPU, with torch._dynamo, which torch.optim imports
-    on first use), and Process.start() returns only then: the thread lets the student load its data meanwhile.
-    Later children (--runs, --bench) start at once."""
+    """Start the child before the student loads its data, and waiting for send_embedding_work. It forks from a
+    server process that imports torch once (3 s of CPU, with torch._dynamo, which torch.optim imports on first use),
+    and Process.start() returns only then, so the child's warm-up starts with the student's first pass (started from
+    a thread, the student outran the warm-up by a pass: README "Cost"). Later children (--runs, --bench) start at
+    once."""
     ctx = mp.get_context("forkserver")  # spawn's clean start (safe with CUDA and threads), without re-imports
     ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.optim"])
     lock, stop, errors, inbox = ctx.Lock(), ctx.Event(), ctx.Queue(), ctx.Queue()
     status = torch.zeros(len(STATUS), dtype=torch.float64).share_memory_()
     proc = ctx.Process(target=embedding_worker, name="spladvise-embedding", daemon=True,
                        args=(dataclasses.asdict(cfg), inbox, status, lock, stop, errors))
-    def start():
-        proc.start()
-        print(f"[embedding] pid={proc.pid}\n", end="", flush=True)  # one write: no other line splits it
-    starting = threading.Thread(target=start, daemon=True)
-    starting.start()
-    return {"proc": proc, "starting": starting, "inbox": inbox, "lock": lock, "stop": stop, "errors": errors,
-            "data": None, "shared": {"status": status}, "checked": time.time(), "failure": None, "cores": None}
+    proc.start()
+    print(f"[embedding] pid={proc.pid}", flush=True)
+    return {"proc": proc, "inbox": inbox, "lock": lock, "stop": stop, "errors": errors, "data": None,
+            "shared": {"status": status}, "checked": time.time(), "failure": None, "cores": None}
 
 
 def send_embedding_work(handle: dict, data: dict, cfg: Config, state_path: str, n_threads: int):
@@ -1275,10 +1272,8 @@ def send_embedding_work(handle: dict, data: dict, cfg: Config, state_path: str, 
 def check_embedding_process(handle: dict):
     """Raise EmbeddingFailed, with the child's exception text or exit signal, if the child is gone."""
     proc = handle["proc"]
-    if handle["starting"].is_alive() or proc.is_alive():
+    if proc.is_alive():
         return
-    if proc.pid is None:
-        raise EmbeddingFailed("the embedding process could not be started (its traceback is above)")
     try:
         cause = handle["errors"].get(timeout=2)
     except queue.Empty:
@@ -1312,9 +1307,6 @@ def stop_embedding_process(handle: dict) -> float:
     """Ask the child to stop; kill it if it does not within 5 s (0.1 s before it has work). -> its CPU seconds."""
     proc = handle["proc"]
     handle["stop"].set()
-    handle["starting"].join()
-    if proc.pid is None:  # its start failed (the thread printed why)
-        return 0.0
     proc.join(5 if handle["data"] is not None else 0.1)  # a child without work holds nothing to save
     if proc.is_alive():
         proc.kill()

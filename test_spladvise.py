@@ -60,14 +60,11 @@ def pid_alive(pid):
 
 
 def wait_for_line(proc, needle, timeout):
-    """Read proc's stdout until a line contains needle; -> that line. The child prints its pid once its start
-    returns, among the student's first lines: the lines read while waiting for it are kept for the next wait."""
-    backlog, skipped, deadline = getattr(proc, "backlog", []), [], time.time() + timeout
-    while line := backlog.pop(0) if backlog else proc.stdout.readline():
+    """Read proc's stdout until a line contains needle; -> that line."""
+    deadline = time.time() + timeout
+    for line in proc.stdout:
         if needle in line:
-            proc.backlog = (skipped if needle == "[embedding] pid=" else []) + backlog
             return line
-        skipped.append(line)
         assert time.time() < deadline, f"no '{needle}' within {timeout}s"
     raise AssertionError(f"process ended before printing '{needle}': {proc.stderr.read()}")
 
@@ -908,7 +905,7 @@ def test_process_mode_trains_while_the_embedding_child_publishes_new_indexes(tmp
     assert ckpt["state"]["updates"] == 200 and ckpt["embedding"]["net"] and ckpt["index"]["assign"].shape == (600,)
     assert 0 < ckpt["state"]["embed_cpu_s"] <= summary["embed_cpu_s"]  # a resume keeps the live child's CPU time
     pid = int(r.stdout.split("[embedding] pid=")[1].split()[0])
-    assert not pid_alive(pid)
+    assert not pid_alive(pid) and r.stdout.index("[embedding] pid=") < r.stdout.index("[student] device=")  # first
 
 
 def warmup_iterations(epochs, n=600, magnet_batch=16):
@@ -1288,9 +1285,9 @@ def test_sigkilled_embedding_child_is_noticed_within_seconds(tmp_path):
 def test_a_child_that_dies_before_publishing_names_exclusive_process_mode_and_inline(tmp_path):
     """A child that dies before its first index (as one does that cannot open its CUDA tensors on a GPU in
     exclusive-process mode) ends the run with exit 1 and a message naming that cause and --embed-mode inline."""
-    proc = start(TINY + ["--updates", "5000", "--train-size", "20000"], tmp_path / "run")
+    proc = start(TINY + ["--updates", "5000"], tmp_path / "run")
     pid = int(wait_for_line(proc, "[embedding] pid=", 60).split("pid=")[1].split()[0])
-    os.kill(pid, signal.SIGKILL)  # its first index embeds 20,000 images first (seconds): nothing is published yet
+    os.kill(pid, signal.SIGKILL)  # the student loads its data before it sends it: nothing is published yet
     assert proc.wait(60) == 1
     err = proc.stderr.read()
     assert "SIGKILL" in err and "exclusive-process" in err and "--embed-mode inline" in err, err
