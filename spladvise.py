@@ -1587,6 +1587,8 @@ def should_stop(cfg: Config, st: LoopState, t_start: float, handle: dict | None,
         version, iteration = handle["shared"]["status"][:2].tolist()
         if handle["cores"] and version >= 1 and iteration >= handle["warmup"]:
             torch.set_num_threads(handle["cores"])  # also after a resume: its child publishes at once
+            print(f"[embedding] warm-up index out (iteration {iteration:.0f}); the student now uses "
+                  f"{handle['cores']} threads", flush=True)
             handle["cores"] = None
     timed_out = cfg.max_minutes and st.wall_s + time.time() - t_start > 60 * cfg.max_minutes
     return bool(stop_requested() or timed_out or (handle is not None and handle["failure"]))

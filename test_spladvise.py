@@ -925,6 +925,8 @@ def test_the_student_never_waits_and_its_curriculum_starts_on_the_warmed_up_embe
     assert all(m["t_embed"] < 1 and m["t_embed_train"] == 0 for m in metrics), [m["t_embed"] for m in metrics]
     start = json.load(open(out / "summary.json"))["curriculum_start"]
     assert start >= 2 and f"curriculum starts at pass {start + 1}" in r.stdout
+    handover = re.search(r"warm-up index out \(iteration (\d+)\); the student now uses", r.stdout)  # its cores
+    assert handover and int(handover[1]) >= warmup_iterations(3)
     assert all(m["selected_frac"] == 1 and m["t"] is None for m in metrics[:start])
     curriculum = metrics[start:]
     assert [m["t"] for m in curriculum] == list(range(len(curriculum))) and curriculum[0]["selected_frac"] < 1
@@ -949,6 +951,7 @@ def test_a_warm_up_that_never_arrives_leaves_random_sampling_and_says_so(tmp_pat
     assert r.returncode == 0, r.stderr
     summary = json.load(open(out / "summary.json"))
     assert summary["curriculum_start"] is None and "random sampling" in summary["note"] and "random sampling" in r.stdout
+    assert "the student now uses" not in r.stdout  # it kept half the cores: the child never throttled
     assert all(m["selected_frac"] == 1 and m["t_score"] == 0 for m in read_metrics(out))
 
 
