@@ -31,8 +31,8 @@ On 2 CPU cores (torch 2.14.1), LeNet student on 5,000 Fashion-MNIST images, 400 
 pacing: clean labels, random 81.68 ± 0.54, spladvise 80.62 ± 0.29, SPLD 81.10 ± 0.36, SPL 80.81 ± 0.85, random
 subsets of the same sizes 81.40 ± 0.44 (paper: 94.12 / 93.17 / 92.77); 40 % label noise with the pace capped at
 the clean share, SPL 79.02, SPLD 78.96, spladvise 79.14 against random 75.64; a quarter of the budget, SPL 68.88
-against random 73.36. spladvise costs 1.30x (clean) and 1.46x (noisy) random's wall time (1.26-1.50x across
-sittings); the paper-scale GPU comparison is not yet run.
+against random 73.36. spladvise costs 1.30-1.35x (clean, three sittings) and 1.46x (noisy) random's wall time per
+update; the paper-scale GPU comparison is not yet run.
 
 Deviations (each tagged `# DEVIATION:` where it is implemented):
     - Magnet Loss scales by 1/(2σ²), not the 1/(2σ⁴) of every public port (NOTES §1).
