@@ -153,6 +153,12 @@ def test_cpu_preset_never_flips_digits(dataset, flips):
     assert S.parse_augment(cfg.augment)["hflip"] == flips and not S.parse_augment(cfg.augment)["vflip"]
 
 
+def test_amp_auto_is_bf16_for_the_embedding_only_on_a_cpu_with_native_bf16(monkeypatch):
+    for native, expected in ((True, "embed"), (False, "off")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        assert S.resolve_config(S.parse_args(["--gpu", "-1"])).amp == expected
+        assert S.resolve_config(S.parse_args(["--gpu", "-1", "--amp", "off"])).amp == "off"
+
 def test_augment_shift_moves_pixels_by_whole_pixels_and_flips_mirror():
     """Augmentation: translation is an exact pad-and-crop (black border), a flip an exact mirror."""
     torch.manual_seed(0)
@@ -1029,6 +1035,21 @@ def test_inline_mode_with_one_seed_gives_identical_metrics(tmp_path):
     a, b = read_metrics(tmp_path / "r0"), read_metrics(tmp_path / "r1")
     assert comparable(a) == comparable(b) and len(a) >= 3 and len({m["embed_version"] for m in a}) >= 2
 
+
+@needs_fmnist
+def test_amp_embed_puts_only_the_embedding_in_bf16(tmp_path):
+    """--amp embed: the embedding's indexes differ from float32's, while the student's first pass (every sample,
+    before any index is used) is float32's to the last digit; --amp on changes that pass too."""
+    metrics = {}
+    for amp in ("off", "embed", "on"):
+        r = cli(TINY + ["--updates", "30", "--embed-mode", "inline", "--refresh", "3", "--amp", amp], tmp_path / amp)
+        assert r.returncode == 0, r.stderr
+        metrics[amp] = read_metrics(tmp_path / amp)
+    first = {amp: (rows[0]["train_loss"], rows[0]["test_acc"]) for amp, rows in metrics.items()}
+    assert first["embed"] == first["off"] != first["on"]
+    quality = {amp: [(m["embed_acc"], m["embed_recall1"]) for m in rows if m["embed_acc"] is not None]
+               for amp, rows in metrics.items()}
+    assert quality["off"] and quality["embed"] and quality["embed"] != quality["off"]
 
 @needs_fmnist
 @pytest.mark.parametrize("sampler", ["spld", "spl", "random"])
