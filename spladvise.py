@@ -1554,9 +1554,12 @@ def choose_pass(cfg: Config, st: LoopState, net, data: dict, index: dict | None,
         st.curriculum_start = st.passes  # t counts its passes: a late start shifts the schedule, not its shape
         print(f"[student] curriculum starts at pass {st.passes + 1} (update {st.updates})", flush=True)
     t, sizes = st.passes - st.curriculum_start, torch.bincount(groups).cpu()  # SPL iteration, (G,)
-    if pace_keeps_all(t, "quantile" if cfg.sampler == "random-pace" else cfg.pace, cfg.f0, cfg.beta1, sizes,
-                      cfg.f_max):  # Alg. 2 step 16: every sample from here on
+    keeps_all = lambda t: pace_keeps_all(t, "quantile" if cfg.sampler == "random-pace" else cfg.pace, cfg.f0,
+                                         cfg.beta1, sizes, cfg.f_max)  # Alg. 2 step 16: every sample from t on
+    if keeps_all(t):
         return {**chosen, "index_done": "the pace keeps every sample from here on"}
+    if keeps_all(t + 1):  # this pass selects last: an index published while it trains would never be used
+        chosen["index_done"] = "the pace keeps every sample after this pass"
     if cfg.sampler == "random-pace":  # the control of Wu et al. (NOTES §10): f_t of the samples, uniformly
         f = pace_fraction(t, cfg.f0, cfg.beta1, cfg.f_max)
         return {**chosen, "idx": torch.randperm(n, device=device)[:round(min(f, 1) * n)]}

@@ -987,15 +987,19 @@ def test_refresh_minus_1_freezes_the_index_after_the_warmup(tmp_path, mode):
 @needs_fmnist
 def test_after_the_curriculum_no_scoring_and_the_child_has_exited_while_the_student_trains(tmp_path):
     """No wasted work: once f_t ≥ 1 (f0 = 0.9, β1 = 0.1: from t = 2), passes do no scoring pass, and the embedding
-    child is stopped (its pid gone) while the student goes on training."""
+    child is stopped (its pid gone) before the last selecting pass (t = 1) trains, while the student goes on."""
     out = tmp_path / "run"
     proc = start(TINY + ["--updates", "300", "--f0", "0.9", "--embed-warmup", "0.5"], out)
     pid = int(wait_for_line(proc, "[embedding] pid=", 60).split("pid=")[1].split()[0])
     line = wait_for_line(proc, "[embedding] stopped", 120)
-    assert "keeps every sample" in line and not pid_alive(pid)
-    wait_for_line(proc, "pass=", 60)  # the student trains on after the child is gone
+    assert "keeps every sample after this pass" in line and not pid_alive(pid)
+    last = int(line.split("before pass ")[1].split()[0])
+    wait_for_line(proc, f"pass={last + 1} ", 60)  # the student trains on after the child is gone
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 130, proc.stderr.read()
+    metrics = read_metrics(out)
+    assert metrics[last - 1]["t"] == 1 and metrics[last - 1]["t_score"] > 0  # it scored and selected
+    assert all(m["t_score"] == 0 and m["selected_frac"] == 1 for m in metrics[last:])
     resumed = cli(TINY + ["--updates", "300", "--f0", "0.9", "--embed-warmup", "0.5", "--resume"], out)
     assert resumed.returncode == 0 and "[embedding] pid=" not in resumed.stdout, resumed.stdout  # not respawned
     metrics = read_metrics(out)
