@@ -28,10 +28,10 @@ Run (the smallest first):
 
 What the defaults reproduce (README.md "Results" has the commands, commit and tables): not the paper's gain.
 On 2 CPU cores (torch 2.14.1), LeNet student on 5,000 Fashion-MNIST images, 400 updates, 5 seeds, the authors'
-pacing: clean labels, random 81.68 ± 0.54, spladvise 80.62 ± 0.45, SPLD 81.10 ± 0.36, SPL 80.81 ± 0.85, random
+pacing: clean labels, random 81.68 ± 0.54, spladvise 80.75 ± 0.45, SPLD 81.10 ± 0.36, SPL 80.81 ± 0.85, random
 subsets of the same sizes 81.40 ± 0.44 (paper: 94.12 / 93.17 / 92.77); 40 % label noise with the pace capped at
-the clean share, SPL 79.02, SPLD 78.96, spladvise 78.87 against random 75.64; a quarter of the budget, SPL 68.88
-against random 73.36. spladvise costs 1.30-1.35x (clean, four sittings) and 1.31x (noisy) random's wall time per
+the clean share, SPL 79.02, SPLD 78.96, spladvise 79.00 against random 75.64; a quarter of the budget, SPL 68.88
+against random 73.36. spladvise costs 1.28-1.35x (clean, five sittings) and 1.31-1.32x (noisy) random's wall time per
 update; the paper-scale GPU comparison is not yet run.
 
 Deviations (each tagged `# DEVIATION:` where it is implemented):
