@@ -1554,8 +1554,8 @@ def choose_pass(cfg: Config, st: LoopState, net, data: dict, index: dict | None,
         st.curriculum_start = st.passes  # t counts its passes: a late start shifts the schedule, not its shape
         print(f"[student] curriculum starts at pass {st.passes + 1} (update {st.updates})", flush=True)
     t, sizes = st.passes - st.curriculum_start, torch.bincount(groups).cpu()  # SPL iteration, (G,)
-    keeps_all = lambda t: pace_keeps_all(t, "quantile" if cfg.sampler == "random-pace" else cfg.pace, cfg.f0,
-                                         cfg.beta1, sizes, cfg.f_max)  # Alg. 2 step 16: every sample from t on
+    keeps_all = lambda u: pace_keeps_all(u, "quantile" if cfg.sampler == "random-pace" else cfg.pace, cfg.f0,
+                                         cfg.beta1, sizes, cfg.f_max)  # Alg. 2 step 16: every sample from u on
     if keeps_all(t):
         return {**chosen, "index_done": "the pace keeps every sample from here on"}
     if keeps_all(t + 1):  # this pass selects last: an index published while it trains would never be used
@@ -1981,8 +1981,10 @@ def resolve_config(cfg: Config) -> Config:
     if cfg.amp == "auto":  # bf16 where the hardware has it natively; emulated bf16 is slower than float32. On the
         # CPU only the embedding, which just sorts samples into clusters: its steps run 1.3x faster there, its warm-up
         # index is as good (README "Choices"), and the student's accuracy stays that of float32
-        values["amp"] = ("on" if torch.cuda.get_device_capability(gpu)[0] >= 8 else "off") if gpu.startswith("cuda") \
-            else "embed" if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() else "off"
+        cuda = gpu.startswith("cuda")
+        cuda_bf16 = cuda and torch.cuda.get_device_capability(gpu)[0] >= 8
+        cpu_bf16 = not cuda and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        values["amp"] = "on" if cuda_bf16 else "embed" if cpu_bf16 else "off"
     cfg = dataclasses.replace(cfg, gpu=gpu, embed_gpu=embed_gpu, preset=preset,
                               **{k: v for k, v in values.items() if getattr(cfg, k) in (None, "auto")})
     check_values(cfg)
