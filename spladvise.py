@@ -4,12 +4,14 @@ Thangarasa & Taylor, BMVC 2018, arXiv:1807.09200.
 
 An embedding CNN learns a metric space with the Magnet Loss (Eq. 1, Rippel et al., ICLR 2016); every R
 iterations its space is clustered per class with K-Means++ (Alg. 1). In parallel, a student CNN learns from a
-curriculum: before each pass it scores every training sample by its cross-entropy L_i, and the SPLD rule (Eq. 2)
-keeps samples that are easy (small L_i) and diverse (a few from each embedding cluster): keep i iff
-L_i < λ + γ/(√i + √(i−1)), i the rank of L_i inside its cluster. λ and γ grow every pass (Alg. 2, step 16).
+curriculum: before each pass it scores every training sample by its cross-entropy L_i, and the SPLD rule
+(Eq. 2) keeps samples that are easy (small L_i) and diverse (a few from each embedding cluster): keep i iff
+L_i < λ + γ/(√i + √(i−1)), i the rank of L_i inside its cluster. The pace (Alg. 2, step 16) lets λ and γ admit
+more samples every pass: here λ_t is the loss quantile that keeps f_t = f0 (1+β1)^t of them,
+γ_t = ρ0 (1+β2)^t λ_t.
 
 Notation (paper -> code). Dimension letters: N training set, B batch, d embedding width, C classes,
-K clusters per class, M clusters and D examples per cluster in a magnet batch, L nearest centres.
+K clusters per class, M clusters and D examples per cluster in a magnet batch, L nearest centres, G groups.
     r_b           r              embedding of example b                       (B, d)
     mu_m          mu             batch mean of magnet cluster m               (M, d)
     sigma^2       sigma2         variance of r around its cluster mean        ()
@@ -19,41 +21,42 @@ K clusters per class, M clusters and D examples per cluster in a magnet batch, L
     W             mask           SPLD selection                               (N,)
     lambda,gamma  lam, gamma     easiness / diversity thresholds (Eq. 2)      ()
     beta1,beta2   beta1, beta2   pace factors (Alg. 2, step 16)               ()
+    t             selector.t     SPL iteration: selections made so far        ()
     R             refresh        iterations between cluster refreshes         ()
 
 Run (the smallest first):
-    python spladvise.py --gpu -1 --train-size 2000 --test-size 1000 --updates 300      # CPU, about a minute
-    python spladvise.py --dataset fashionmnist                                          # CPU preset or GPU paper preset
-    python spladvise.py --dataset fashionmnist --gpu 0 --runs 3 --sampler random        # a baseline, 3 seeds
+    python spladvise.py --gpu -1 --train-size 2000 --test-size 1000 --updates 300   # CPU, about a minute
+    python spladvise.py --dataset fashionmnist                                       # cpu or paper preset
+    python spladvise.py --dataset fashionmnist --gpu 0 --runs 3 --sampler random     # a baseline, 3 seeds
 
-What the defaults reproduce (README.md "Results" has the commands, commit and tables): not the paper's gain.
-On 2 CPU cores (torch 2.14.1), LeNet student on 5,000 Fashion-MNIST images, 400 updates, 5 seeds, the authors'
-pacing: clean labels, random 81.68 ± 0.54, spladvise 80.75 ± 0.45, SPLD 81.10 ± 0.36, SPL 80.81 ± 0.85, random
-subsets of the same sizes 81.40 ± 0.44 (paper: 94.12 / 93.17 / 92.77); 40 % label noise with the pace capped at
-the clean share, SPL 79.02, SPLD 78.96, spladvise 79.00 against random 75.64; a quarter of the budget, SPL 68.88
-against random 73.36. spladvise costs 1.28-1.35x (clean, five sittings) and 1.31-1.32x (noisy) random's wall time per
-update; the paper-scale GPU comparison is not yet run.
+What the defaults reproduce (README "Where it helps": commands, commit, tables): not the paper's gain. On 2
+CPU cores, LeNet student, 5,000 Fashion-MNIST images, 5 seeds: on clean labels no curriculum beats random
+sampling (random 81.68 ± 0.54, SPL-ADVisE 80.75 ± 0.45; paper: 92.77 / 94.12); under 40 % label noise a pace
+capped at the clean share helps (79.00 against 75.64) through which samples it leaves out.
 
 Deviations (each tagged `# DEVIATION:` where it is implemented):
-    - Magnet Loss scales by 1/(2σ²), not the 1/(2σ⁴) of every public port (NOTES §1).
-    - Pace: λ ← (1+β1)λ, γ ← (1+β2)γ (step 16 as printed would shrink λ); λ_t, γ_t set from loss quantiles.
+    - Magnet Loss scales by 1/(2σ²), not the 1/(2σ⁴) of every public port (σ² is already a variance).
+    - Pace: λ, γ grow by (1+β1), (1+β2) (step 16 as printed would shrink λ); λ_t, γ_t set from loss quantiles.
+    - Under a cap f_max < 1, ρ_t stops growing where f_t reaches the cap and a pass keeps at most ⌈f_max N⌉.
     - Training budget and LR milestones count mini-batch updates, so every sampler gets equal updates.
-    - --pace rank (the authors' count pace, NOTES §8): λ becomes one threshold per cluster.
-    - --embed-loss triplet_global mines by exact nearest-neighbour search (Smart Mining used FANNG, approximate).
-    - The curriculum starts at the first pass after the embedding's warm-up index arrives; t counts from there.
+    - --pace rank (the authors' count pace): λ becomes one threshold per cluster.
+    - --embed-loss triplet_global mines by exact nearest-neighbour search (Smart Mining used FANNG,
+      approximate).
+    - The curriculum starts at the first pass after the embedding's warm-up index arrives; t counts
+      from there.
 Not implemented: the pre-activation ResNet-18 of the authors' code (the paper names ResNet-18; we use the
-standard CIFAR form); multi-GPU training; reading SVHN's .mat files without scipy (torchvision's reader needs it);
-scoring from the last pass's training losses (the exact scoring pass is cheap once it runs channels_last).
+standard CIFAR form); reading SVHN's .mat files without scipy (torchvision's reader needs it).
 
 Sections (`grep -n '^# ----' spladvise.py`):
     1 imports · 2 Config · 3 data · 4 networks · 5 K-Means++ and the cluster index · 6 Magnet Loss and
     neighbourhood sampling (Alg. 1) · 7 other deep-metric-learning objectives (§5) · 8 SPLD selector (Alg. 2,
-    Eq. 2; and the InfoBatch baseline) · 9 training steps and evaluation · 10 embedding process (two-process
-    plumbing) · 11 student loop (Alg. 2) · 12 runs, seeds and benchmark · 13 figures (Figs. 2, 3) · 14 CLI and main
+    Eq. 2) · 9 your own loop: a Sampler · 10 training steps and evaluation · 11 embedding process (two-process
+    plumbing) · 12 student loop (Alg. 2) · 13 runs, seeds and benchmark · 14 figures (Figs. 2, 3) · 15 CLI
 """
 
-# ---- 1. imports ------------------------------------------------------------------------------------------
+# ---- 1. imports --------------------------------------------------------------------------------------------
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -63,6 +66,7 @@ import pickle
 import queue
 import random
 import re
+import shutil
 import signal
 import sys
 import time
@@ -79,13 +83,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ---- 2. Config -------------------------------------------------------------------------------------------
+# ---- 2. Config ---------------------------------------------------------------------------------------------
 @dataclass
 class Config:
     # run
     dataset: str = "fashionmnist"  # fashionmnist | mnist | svhn | cifar10 | cifar100
-    sampler: str = "spladvise"  # spladvise | spld | spl | random (paper §4) | random-pace | infobatch (NOTES §9-10)
-    preset: str = "auto"  # paper | cpu | auto (paper on CUDA, cpu otherwise); fills the fields left unset (None)
+    sampler: str = "spladvise"  # spladvise | spld | spl | random (§4) | random-pace | infobatch | small-loss
+    preset: str = "auto"  # paper | cpu | bench | auto (paper on CUDA, else cpu; bench if --bench); fills None
     seed: int = 0  # embedding process uses seed + 1
     runs: int = 1  # seeds seed .. seed+runs-1, each under OUT/seed-S, plus OUT/aggregate.json (--bench: 5)
     gpu: str = "auto"  # CUDA index, -1 = CPU, auto = cuda:0 when available
@@ -94,19 +98,19 @@ class Config:
     data_dir: str = "data"  # torchvision layout or raw idx .gz files
     download: bool = True  # try a torchvision download when no local copy is found
     resume: bool = False  # continue the run in OUT from OUT/ckpt.pt
-    max_minutes: float = 0.0  # wall-clock budget; 0 = none. Ends cleanly with a checkpoint
+    max_minutes: float = 0.0  # wall-clock budget; 0 = none. Ends cleanly with a checkpoint, never in pass 1
     deterministic: bool = False  # cuDNN deterministic kernels
     compile: bool = False  # torch.compile the student
-    amp: str = "auto"  # bf16 autocast: on | off | embed (embedding only) | auto (CUDA cc >= 8: on; AVX512-BF16: embed)
-    bench: bool = False  # run the benchmark of section 12 (regimes x rows x seeds) instead of one training run
-    regime: str = "all"  # --bench: all | clean | noisy | short (BENCH_REGIMES)
-    plot: bool = False  # draw OUT/curves.png and OUT/embedding.png (paper Figs. 3, 2) after the run; needs matplotlib
+    amp: str = "auto"  # bf16 autocast: on | off | embed (embedding only) | auto (per process, by its device)
+    bench: bool = False  # run the benchmark of section 13 (regimes x rows x seeds) instead of one run
+    regime: str = "all"  # --bench: all (next three) | clean | noisy | short | memorise | memorise-pairflip
+    plot: bool = False  # draw OUT/curves.png, OUT/embedding.png (Figs. 3, 2) after the run; needs matplotlib
     # data
-    train_size: int | None = None  # class-balanced subset of the training set; 0 = all (cpu preset 20000)
+    train_size: int | None = None  # class-balanced subset of the training set; 0 = all
     test_size: int | None = None  # class-balanced subset of the test set; 0 = all
-    val_size: int = 0  # class-balanced validation split held out of the training set; replaces test when > 0
-    label_noise: float = 0.0  # share of training labels corrupted once, by a fixed generator (NOTES §10)
-    noise_kind: str = "symmetric"  # symmetric (one of the other classes) | pairflip (c -> c+1 mod C), Co-teaching
+    val_size: int = 0  # class-balanced early-stopping split (noisy labels) held out of the training set
+    label_noise: float = 0.0  # share of training labels corrupted once, by a fixed generator
+    noise_kind: str = "symmetric"  # symmetric (any other class) | pairflip (c -> c+1 mod C), Co-teaching
     augment: str | None = None  # e.g. "hflip,vflip,shift=2,rotate=10" or "none" (paper §4)
     # student (Alg. 2)
     student: str | None = None  # lenet | resnet18 | wrn-16-8 | wrn-28-10 | vgg16
@@ -120,33 +124,34 @@ class Config:
     weight_decay: float = 5e-4  # SGD weight decay
     milestones: str | None = None  # fractions of the budget where lr *= lr_decay, e.g. "0.3,0.6,0.8"; "none"
     lr_decay: float = 0.1  # learning-rate factor at each milestone
-    score_batch: int | None = None  # batch of the scoring and evaluation passes (paper 1024; cpu 256: cache-sized)
+    score_batch: int | None = None  # batch of the scoring and evaluation passes
     # embedding (Alg. 1)
     embed_net: str | None = None  # lenet | vgg16 | resnet18 | wrn-16-8 | wrn-28-10
     embed_mode: str = "process"  # process (parallel child, Alg. 2 step 2) | inline (deterministic)
-    embed_dim: int | None = None  # d, embedding width (64; cpu preset 32)
-    embed_lr: float | None = None  # Adam learning rate of the embedding net (paper §4: 1e-4; cpu preset 1e-3)
+    embed_dim: int | None = None  # d, embedding width
+    embed_lr: float | None = None  # Adam learning rate of the embedding net (paper §4: 1e-4)
     k: int = 8  # K, K-Means++ clusters per class
     m: int = 8  # M, clusters per magnet batch
     d: int = 8  # D, examples per cluster in a magnet batch (batch = M*D = 64)
     alpha: float = 1.0  # Magnet Loss margin α, Eq. 1
-    embed_loss: str = "magnet"  # magnet (Eq. 1) | osm_caa | triplet_global | dml_crc (paper §5, NOTES §6)
-    triplet_target: float = 0.5  # triplet_global: share of mined triplets with a non-zero hinge the margin tracks
+    embed_loss: str = "magnet"  # magnet (Eq. 1) | osm_caa | triplet_global | dml_crc (paper §5)
+    triplet_target: float = 0.5  # triplet_global: share of mined triplets with hinge > 0 the margin tracks
     refresh: int = 0  # R, embedding iterations between index refreshes; 0 = one embedding epoch; -1 = frozen
-    embed_warmup: float | None = None  # embedding epochs before the first selection (paper preset 5; cpu 2)
-    embed_share: float | None = None  # after its warm-up the child trains this share of the time (cpu preset 0.25)
+    embed_warmup: float | None = None  # embedding epochs before the first selection
+    embed_share: float | None = None  # after its warm-up the child trains this share of the wall time
     kmeans_iters: int = 20  # Lloyd iterations per K-Means++ run
     neighbours: int = 8  # L, nearest cluster centres in the embedding's soft-vote classifier
-    # pace (Alg. 2 step 16, NOTES §3)
-    pace: str = "quantile"  # quantile | absolute | rank (the authors' count per cluster, NOTES §8)
+    # pace (Alg. 2 step 16)
+    pace: str = "quantile"  # quantile | rank (the authors' count per cluster)
     f0: float = 0.7  # first selected fraction by easiness alone; rank pace: K_0 / mean cluster size
-    f_max: float = 1.0  # cap on f_t (and K_t): under label noise 1 - rate, as Co-teaching (assumes the rate known)
+    f_max: float | str = 1.0  # cap on every pass's share (1 − noise rate, as Co-teaching) | auto (estimated)
     rho0: float = 0.5  # γ_0 / λ_0
-    beta1: float = 0.1  # λ pace: f_t = min(f_max, f0 (1+β1)^t) (quantile) or λ_t = λ_0 (1+β1)^t (absolute)
+    beta1: float = 0.1  # λ pace: f_t = min(f_max, f0 (1+β1)^t)
     beta2: float = 0.1  # γ pace: ρ_t = ρ0 (1+β2)^t
-    # InfoBatch baseline (NOTES §9)
-    prune_ratio: float = 0.5  # r, share of the below-mean-loss samples pruned each pass
-    anneal: float = 0.875  # δ, share of the epochs after which every sample is used at weight 1
+    # baselines
+    prune_ratio: float = 0.5  # InfoBatch's r, share of the below-mean-loss samples pruned each pass
+    anneal: float = 0.875  # InfoBatch's δ, share of the epochs after which every sample is used at weight 1
+    ramp_epochs: float = 10.0  # small-loss: T_k, epochs in which the kept share falls to f_max (Co-teaching)
 
     @property
     def run_dir(self) -> str:
@@ -162,8 +167,8 @@ class Config:
         return [float(f) for f in self.milestones.replace("none", "").split(",") if f]
 
     def refresh_iterations(self, n_train: int) -> int:
-        """R: embedding iterations between index refreshes (default one embedding epoch, NOTES §2); -1 = never
-        after the warm-up."""
+        """R: embedding iterations between index refreshes (default one embedding epoch); -1 = never after the
+        warm-up."""
         return self.refresh or math.ceil(n_train / self.magnet_batch)
 
     def warmup_iterations(self, n_train: int) -> int:
@@ -171,37 +176,41 @@ class Config:
         return math.ceil(self.embed_warmup * math.ceil(n_train / self.magnet_batch))
 
 
-# Per-dataset settings of paper §4 (NOTES §5); the cpu preset is ours, sized for 2 cores in about 10 minutes.
-# UNSPECIFIED: epochs for FashionMNIST/MNIST and the SVHN learning rate are not in the paper.
+# Each preset fills every field left None. paper: the settings of paper §4 per dataset. UNSPECIFIED: epochs
+# for FashionMNIST/MNIST and the SVHN learning rate are not in the paper. cpu: ours, sized for 2 cores in
+# minutes (a LeNet student; a LeNet-16 embedding, half LeNet's width, trained at --embed-share 0.25 once
+# warmed up, since the two processes share the cores). bench: the cpu preset on the benchmark's 5,000 training
+# and 5,000 test images.
+PAPER = dict(embed_dim=64, embed_lr=1e-4, embed_warmup=5.0, embed_share=1.0, train_size=0, test_size=0,
+             updates=0, epochs=0.0, batch_size=128, dropout=0.0, milestones="none", score_batch=1024)
+CPU = dict(student="lenet", embed_net="lenet-16", embed_dim=32, embed_lr=1e-3, embed_warmup=2.0,
+           embed_share=0.25, train_size=20000, test_size=0, updates=0, epochs=8.0, batch_size=128, lr=0.01,
+           dropout=0.0, milestones="0.7", score_batch=256)  # 256: a cache-sized scoring batch
 PRESETS = {
     "paper": {
-        "fashionmnist": dict(student="resnet18", embed_net="lenet", batch_size=128, lr=0.001, epochs=40,
-                             augment="hflip,vflip,shift=2,rotate=10", dropout=0.0, milestones="none",
-                             score_batch=1024),
-        "mnist": dict(student="resnet18", embed_net="lenet", batch_size=128, lr=0.001, epochs=40,
-                      augment="shift=2,rotate=10", dropout=0.0, milestones="none", score_batch=1024),
-        "svhn": dict(student="wrn-16-8", embed_net="vgg16", batch_size=128, lr=0.01, epochs=65,
-                     augment="none", dropout=0.4, milestones="0.5,0.75", score_batch=1024),
-        "cifar10": dict(student="resnet18", embed_net="vgg16", batch_size=128, lr=0.1, updates=78000,
-                        augment="hflip,shift=4", dropout=0.0, milestones="0.3,0.6,0.8", score_batch=1024),
-        "cifar100": dict(student="wrn-28-10", embed_net="vgg16", batch_size=128, lr=0.1, updates=78000,
-                         augment="none", dropout=0.3, milestones="0.3,0.6,0.8", score_batch=1024),
+        "fashionmnist": dict(PAPER, student="resnet18", embed_net="lenet", lr=0.001, epochs=40.0,
+                             augment="hflip,vflip,shift=2,rotate=10"),
+        "mnist": dict(PAPER, student="resnet18", embed_net="lenet", lr=0.001, epochs=40.0,
+                      augment="shift=2,rotate=10"),
+        "svhn": dict(PAPER, student="wrn-16-8", embed_net="vgg16", lr=0.01, epochs=65.0, augment="none",
+                     dropout=0.4, milestones="0.5,0.75"),
+        "cifar10": dict(PAPER, student="resnet18", embed_net="vgg16", lr=0.1, updates=78000,
+                        augment="hflip,shift=4", milestones="0.3,0.6,0.8"),
+        "cifar100": dict(PAPER, student="wrn-28-10", embed_net="vgg16", lr=0.1, updates=78000, augment="none",
+                         dropout=0.3, milestones="0.3,0.6,0.8"),
     },
-    "cpu": {name: dict(student="lenet", embed_net="lenet-16", embed_lr=1e-3, embed_warmup=2, embed_share=0.25,
-                       batch_size=128,
-                       lr=0.01, epochs=8, dropout=0.0,
-                       augment="shift=2" if name in ("mnist", "svhn") else "hflip,shift=2",  # digits never flip
-                       milestones="0.7", embed_dim=32, train_size=20000, score_batch=256)
+    # digits never flip
+    "cpu": {name: dict(CPU, augment="shift=2" if name in ("mnist", "svhn") else "hflip,shift=2")
             for name in ("fashionmnist", "mnist", "svhn", "cifar10", "cifar100")},
 }
-# The warm-up needs iterations more than epochs: 2 epochs of the preset's 20,000 images (626 iterations), 4 of the
-# benchmark's 5,000 (316) give indexes within 2 points of LeNet's old 5-epoch warm-up (README "Choices")
-BENCH_CPU = dict(train_size=5000, test_size=5000, epochs=10, embed_warmup=4)  # ./run.sh bench: 135 runs, 70 min
-
-
-# ---- 3. data ---------------------------------------------------------------------------------------------
-class DataError(Exception):
-    """Data that cannot be found or read; main() prints it and exits with code 2."""
+# The warm-up needs iterations more than epochs: 4 epochs of 5,000 images (316 iterations) as 2 of 20,000
+# (626)
+PRESETS["bench"] = {name: dict(p, train_size=5000, test_size=5000, epochs=10.0, embed_warmup=4.0)
+                    for name, p in PRESETS["cpu"].items()}
+# ---- 3. data -----------------------------------------------------------------------------------------------
+class ConfigError(Exception):
+    """Bad input (a flag, a value, or data that cannot be found or read); main() prints it and exits with code
+    2."""
 
 
 DATASETS = ("mnist", "fashionmnist", "svhn", "cifar10", "cifar100")  # shapes and classes come from the files
@@ -215,13 +224,14 @@ def read_idx(path: str) -> np.ndarray:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path} is truncated or corrupt ({e}); delete it and fetch it again")
+        raise ConfigError(f"{path} is truncated or corrupt ({e}); delete it and fetch it again")
     if len(raw) < 8 or raw[:2] != b"\0\0" or raw[2] != 8:
-        raise DataError(f"{path} is not an idx uint8 file; delete it and fetch it again")
+        raise ConfigError(f"{path} is not an idx uint8 file; delete it and fetch it again")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     if len(raw) != 4 + 4 * ndim + math.prod(shape):
-        raise DataError(f"{path} is truncated: {len(raw)} bytes for shape {shape}; delete it and fetch it again")
+        raise ConfigError(f"{path} is truncated: {len(raw)} bytes for shape {shape}; "
+                          f"delete it and fetch it again")
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -245,7 +255,7 @@ def load_idx_folder(folder: str) -> dict:
             "x_test": part("t10k-images-idx3-ubyte")[:, None], "y_test": part("t10k-labels-idx1-ubyte")}
     for split in ("train", "test"):
         if len(data[f"x_{split}"]) != len(data[f"y_{split}"]):
-            raise DataError(f"{folder}: {split} images and labels differ in length; fetch the files again")
+            raise ConfigError(f"{folder}: {split} images and labels differ in length; fetch the files again")
     return data
 
 
@@ -265,7 +275,8 @@ def load_cifar_folder(folder: str, name: str) -> dict:
                 xs.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(batch[key]))
             except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as e:
-                raise DataError(f"{path} is missing, truncated or corrupt ({e}); delete {folder} and fetch it again")
+                raise ConfigError(f"{path} is missing, truncated or corrupt ({e}); "
+                                  f"delete {folder} and fetch it again")
         data[f"x_{split}"], data[f"y_{split}"] = np.concatenate(xs), np.concatenate(ys)
     return data
 
@@ -279,7 +290,8 @@ def load_dataset(name: str, data_dir: str, download: bool) -> dict:
         folder, tried = find_idx(data_dir, name)
         if folder is None and download:
             try:
-                getattr(tvd, {"mnist": "MNIST", "fashionmnist": "FashionMNIST"}[name])(data_dir, download=True)
+                getattr(tvd, {"mnist": "MNIST", "fashionmnist": "FashionMNIST"}[name])(
+                    data_dir, download=True)
             except Exception as e:  # any network or disk failure means: no download here
                 tried.append(f"torchvision download into {data_dir} ({type(e).__name__})")
             folder, _ = find_idx(data_dir, name)
@@ -301,21 +313,22 @@ def load_dataset(name: str, data_dir: str, download: bool) -> dict:
                     "y_train": np.concatenate([parts["train"].labels, parts["extra"].labels]),
                     "x_test": parts["test"].data, "y_test": parts["test"].labels}
         except ImportError:
-            raise DataError("SVHN's .mat files need scipy: pip install scipy")
+            raise ConfigError("SVHN's .mat files need scipy: pip install scipy")
         except Exception as e:
             tried.append(f"torchvision SVHN ({type(e).__name__}: {e})")
             data = None
     if data is None:
-        hint = " or, on Debian/Ubuntu: apt-get install dataset-fashion-mnist" if name == "fashionmnist" else ""
-        raise DataError(f"no {name} data found; looked in: {', '.join(tried)}. Put the files in --data-dir "
+        hint = (" or, on Debian/Ubuntu: apt-get install dataset-fashion-mnist" if name == "fashionmnist"
+                else "")
+        raise ConfigError(f"no {name} data found; looked in: {', '.join(tried)}. Put the files in --data-dir "
                         f"(torchvision layout or raw idx .gz files), allow a download with --download{hint}")
     return {k: torch.from_numpy(np.array(v)).to(torch.uint8 if k[0] == "x" else torch.int64)
             for k, v in data.items()}
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of uint8 images (N, C, H, W) scaled to [0, 1], in chunks (SVHN is 1.8 G values).
-    -> (1, C, 1, 1), (1, C, 1, 1)"""
+    """Per-channel mean and std of uint8 images (N, C, H, W) scaled to [0, 1], in chunks (SVHN is 1.8 G
+    values). -> (1, C, 1, 1), (1, C, 1, 1)"""
     total = torch.zeros(2, x.shape[1], dtype=torch.float64)  # (2, C) sums of x and x²
     for chunk in x.split(8192):
         chunk = chunk.double().div_(255)
@@ -325,9 +338,9 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def balanced_subset(labels: torch.Tensor, n: int, generator: torch.Generator) -> tuple[torch.Tensor, bool]:
-    """n indices drawn at random: an equal share (±1) of each class where every class has it, else a stratified
-    subset (shares ∝ class sizes, largest remainder; the whole split when n = N). -> (n,) sorted int64, and
-    whether the subset is balanced."""
+    """n indices drawn at random: an equal share (±1) of each class where every class has it, else a
+    stratified subset (shares ∝ class sizes, largest remainder; the whole split when n = N). -> (n,) sorted
+    int64, and whether the subset is balanced."""
     classes, counts = labels.unique(return_counts=True)  # (C,), (C,)
     shares = n // len(classes) + (torch.arange(len(classes)) < n % len(classes)).long()  # (C,)
     balanced = bool((shares <= counts).all())
@@ -336,13 +349,14 @@ def balanced_subset(labels: torch.Tensor, n: int, generator: torch.Generator) ->
         shares = exact.floor().long()
         shares[torch.argsort(exact - shares, descending=True)[:n - int(shares.sum())]] += 1
     members = [(labels == c).nonzero().flatten() for c in classes.tolist()]
-    picks = [m[torch.randperm(len(m), generator=generator)[:share]] for m, share in zip(members, shares.tolist())]
+    picks = [m[torch.randperm(len(m), generator=generator)[:share]]
+             for m, share in zip(members, shares.tolist())]
     return torch.cat(picks).sort().values, balanced
 
 
 def noisy_labels(labels: torch.Tensor, rate: float, kind: str, n_classes: int,
                  generator: torch.Generator) -> torch.Tensor:
-    """Label noise as in Co-teaching (Han et al., NeurIPS 2018; NOTES §10): each label, with probability `rate`,
+    """Label noise as in Co-teaching (Han et al., NeurIPS 2018): each label, with probability `rate`,
     becomes one of the other C − 1 classes uniformly (symmetric) or class c + 1 mod C (pairflip).
     labels (N,) in [0, C) -> noisy labels (N,)."""
     flip = torch.rand(len(labels), generator=generator) < rate  # (N,)
@@ -357,14 +371,15 @@ def parse_augment(spec: str) -> dict:
     for item in filter(None, spec.replace("none", "").split(",")):
         key, _, value = item.partition("=")
         if key not in aug or (value == "") != (key in ("hflip", "vflip")):
-            raise ValueError(f"bad augmentation '{item}'; use hflip, vflip, shift=PIXELS, rotate=DEGREES or none")
+            raise ValueError(f"bad augmentation '{item}'; "
+                             f"use hflip, vflip, shift=PIXELS, rotate=DEGREES or none")
         aug[key] = True if not value else type(aug[key])(float(value))
     return aug
 
 
 def augment(x: torch.Tensor, hflip: bool, vflip: bool, shift: int, rotate: float) -> torch.Tensor:
-    """Random flips, translation (= pad-and-crop) and rotation of a batch (B, C, H, W) in [0, 1], batched on its
-    device; the border fills with black as a padded crop does."""
+    """Random flips, translation (= pad-and-crop) and rotation of a batch (B, C, H, W) in [0, 1], batched on
+    its device; the border fills with black as a padded crop does."""
     b = x.shape[0]
     if hflip:
         x = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
@@ -372,12 +387,14 @@ def augment(x: torch.Tensor, hflip: bool, vflip: bool, shift: int, rotate: float
         x = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, x.flip(2), x)
     if shift or rotate:
         angle = (torch.rand(b, device=x.device) * 2 - 1) * math.radians(rotate)  # (B,)
-        offset = torch.randint(-shift, shift + 1, (b, 2), device=x.device) * 2.0 / x.shape[-1]  # (B, 2), grid units
+        offset = torch.randint(-shift, shift + 1, (b, 2),
+                               device=x.device) * 2.0 / x.shape[-1]  # (B, 2), grid units
         cos, sin = angle.cos(), angle.sin()
         theta = torch.stack([torch.stack([cos, -sin, offset[:, 0]], 1),
                              torch.stack([sin, cos, offset[:, 1]], 1)], 1)  # (B, 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (B, H, W, 2)
-        x = F.grid_sample(x, grid, mode="bilinear" if rotate else "nearest", align_corners=False)  # (B, C, H, W)
+        x = F.grid_sample(x, grid, mode="bilinear" if rotate else "nearest",
+                          align_corners=False)  # (B, C, H, W)
     return x
 
 
@@ -389,12 +406,12 @@ def to_input(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, aug: dict |
     return (x - mean) / std
 
 
-# ---- 4. networks -----------------------------------------------------------------------------------------
+# ---- 4. networks -------------------------------------------------------------------------------------------
 class LeNet(nn.Module):
-    """conv5-32, pool, conv5-64, pool, FC-256, FC-out: the paper's FashionMNIST embedding net (§4), also a small
-    CPU student. UNSPECIFIED: the hidden FC width (256). `width` w scales it to conv5-w, conv5-2w, FC-8w (lenet-w;
-    the cpu preset's embedding is lenet-16, a quarter of the compute). Pooling before the ReLU is the same function
-    and gradient (ReLU is monotone) with a quarter of the ReLUs: 14-28 % faster training on the CPU."""
+    """conv5-32, pool, conv5-64, pool, FC-256, FC-out: the paper's FashionMNIST embedding net (§4), also a
+    small CPU student. UNSPECIFIED: the hidden FC width (256). `width` w scales it to conv5-w, conv5-2w, FC-8w
+    (lenet-w; the cpu preset's embedding is lenet-16: half the width, a quarter of the compute). Pooling
+    before the ReLU is the same function and gradient (ReLU is monotone) with a quarter of the ReLUs."""
 
     def __init__(self, in_channels: int, n_out: int, image_size: int, dropout: float = 0.0, width: int = 32):
         super().__init__()
@@ -419,7 +436,8 @@ class VGG16(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             else:
-                layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v),
+                           nn.ReLU(inplace=True)]
                 c = v
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
         self.head = nn.Linear(512, n_out)
@@ -453,8 +471,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet-18 with a CIFAR 3x3 stem (He et al. 2016), and WRN-d-k (Zagoruyko & Komodakis 2016), in one class:
-    `widths` per stage, `blocks` per stage, `preact` for the WRN form."""
+    """ResNet-18 with a CIFAR 3x3 stem (He et al. 2016), and WRN-d-k (Zagoruyko & Komodakis 2016), in one
+    class: `widths` per stage, `blocks` per stage, `preact` for the WRN form."""
 
     def __init__(self, in_channels: int, n_out: int, widths, blocks, preact: bool, dropout: float = 0.0):
         super().__init__()
@@ -479,7 +497,8 @@ NETS = ("lenet", "lenet-16", "vgg16", "resnet18", "wrn-16-8", "wrn-28-10")  # an
 
 
 def make_net(name: str, in_channels: int, n_out: int, image_size: int, dropout: float = 0.0) -> nn.Module:
-    """A network by name: lenet (= lenet-32), lenet-WIDTH, vgg16, resnet18 or wrn-DEPTH-WIDTH (depth = 6n + 4)."""
+    """A network by name: lenet (= lenet-32), lenet-WIDTH, vgg16, resnet18 or wrn-DEPTH-WIDTH (depth = 6n +
+    4)."""
     if name == "lenet" or name.startswith("lenet-"):
         return LeNet(in_channels, n_out, image_size, dropout, int(name[6:] or 32))
     if name == "vgg16":
@@ -493,7 +512,7 @@ def make_net(name: str, in_channels: int, n_out: int, image_size: int, dropout: 
     raise ValueError(f"unknown network '{name}'; choose lenet, vgg16, resnet18 or wrn-DEPTH-WIDTH")
 
 
-# ---- 5. K-Means++ and the cluster index (paper §3.1) -----------------------------------------------------
+# ---- 5. K-Means++ and the cluster index (paper §3.1) -------------------------------------------------------
 def sq_dists(a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor | None = None) -> torch.Tensor:
     """(P, d), (Q, d) -> (P, Q) squared Euclidean distances by one fused matrix multiply; a_sq (P, 1) = ‖a‖²
     may be passed when a is reused."""
@@ -515,9 +534,9 @@ def uniform(n: int, generator: torch.Generator | None, device) -> torch.Tensor:
 
 def kmeanspp_seed(x: torch.Tensor, k: int, candidates: int | None = None,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """K-Means++ D² seeding (Arthur & Vassilvitskii 2007, https://dl.acm.org/doi/10.5555/1283383.1283494):
-    x (N, d) -> indices of k centres (k,). Greedy by default: 2 + ⌊ln k⌋ candidates drawn ∝ D² per step, keep the
-    one that lowers the potential most (as scikit-learn does); candidates=1 is the plain algorithm."""
+    """K-Means++ D² seeding (Arthur & Vassilvitskii 2007, https://dl.acm.org/doi/10.5555/1283383.1283494): x
+    (N, d) -> indices of k centres (k,). Greedy by default: 2 + ⌊ln k⌋ candidates drawn ∝ D² per step, keep
+    the one that lowers the potential most (as scikit-learn does); candidates=1 is the plain algorithm."""
     n = x.shape[0]
     trials = candidates or 2 + int(math.log(k))
     x_sq = x.pow(2).sum(1, keepdim=True)  # (N, 1)
@@ -547,7 +566,8 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> tuple[torch.T
             break
         assign = new
         counts = torch.bincount(assign, minlength=k)  # (k,)
-        centroids = torch.zeros_like(centroids).index_add_(0, assign, x) / counts.clamp_min(1)[:, None]  # (k, d)
+        centroids = (torch.zeros_like(centroids).index_add_(0, assign, x)
+                     / counts.clamp_min(1)[:, None])  # (k, d)
         empty = (counts == 0).nonzero().flatten()  # (E,)
         if len(empty):
             far = (x - centroids[assign]).pow(2).sum(1).topk(len(empty)).indices  # (E,)
@@ -569,8 +589,8 @@ def kmeans_pp(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generat
 
 def build_cluster_index(emb: torch.Tensor, labels: torch.Tensor, k: int, iters: int = 20,
                         generator: torch.Generator | None = None):
-    """Per-class K-Means++ (paper §3.1, Alg. 1 step 2): emb (N, d), labels (N,) in [0, C) -> assign (N,) global
-    cluster ids c*k + j, centroids (C*k, d), cluster_class (C*k,)."""
+    """Per-class K-Means++ (paper §3.1, Alg. 1 step 2): emb (N, d), labels (N,) in [0, C) -> assign (N,)
+    global cluster ids c*k + j, centroids (C*k, d), cluster_class (C*k,)."""
     if emb.dim() != 2 or labels.shape != emb.shape[:1]:
         raise ValueError(f"build_cluster_index needs emb (N, d) and labels (N,), got {tuple(emb.shape)} and "
                          f"{tuple(labels.shape)}")
@@ -588,7 +608,7 @@ def build_cluster_index(emb: torch.Tensor, labels: torch.Tensor, k: int, iters: 
     return assign, centroids, cluster_class
 
 
-# ---- 6. Magnet Loss and neighbourhood sampling (paper §3.1, Eq. 1, Alg. 1) -------------------------------
+# ---- 6. Magnet Loss and neighbourhood sampling (paper §3.1, Eq. 1, Alg. 1) ---------------------------------
 def magnet_loss(r: torch.Tensor, classes: torch.Tensor, clusters: torch.Tensor, alpha: float = 1.0):
     """Magnet Loss, Eq. 1 (Rippel et al. 2016, https://arxiv.org/abs/1511.05939). r (B, d) embeddings;
     classes (B,); clusters (B,) ids, examples sharing an id form one batch cluster whose mean is mu (gradient
@@ -598,26 +618,26 @@ def magnet_loss(r: torch.Tensor, classes: torch.Tensor, clusters: torch.Tensor, 
         raise ValueError(f"magnet_loss needs r (B, d), classes (B,), clusters (B,); got {tuple(r.shape)}, "
                          f"{tuple(classes.shape)}, {tuple(clusters.shape)}")
     ids, m_of, counts = torch.unique(clusters, return_inverse=True, return_counts=True)  # (M,), (B,), (M,)
-    # non_blocking: host-to-device copies that do not wait for the queued forward (CUDA's async memcpy); counting
-    # on the device instead (bincount) would read its min and max back
+    # non_blocking: host-to-device copies that do not wait for the queued forward (CUDA's async memcpy);
+    # counting on the device instead (bincount) would read its min and max back
     n_clusters, m_of = len(ids), m_of.to(r.device, non_blocking=True)
     counts = counts.to(r.device, r.dtype, non_blocking=True)  # (M,)
     mu = r.new_zeros(n_clusters, r.shape[1]).index_add(0, m_of, r) / counts[:, None]  # (M, d)
     mu_class = classes.new_zeros(n_clusters).scatter(0, m_of, classes)  # (M,)
     dist = (r[:, None, :] - mu[None, :, :]).pow(2).sum(-1)  # (B, M)
     own = dist.gather(1, m_of[:, None]).squeeze(1)  # (B,) ‖r_b − μ_m(b)‖²
-    sigma2 = own.sum() / (r.shape[0] - 1)  # DEVIATION: a variance σ², not σ⁴ as in the public ports (NOTES §1)
-    impostor = classes[:, None] != mu_class[None, :]  # (B, M) only clusters of other classes, Eq. 1 denominator
+    sigma2 = own.sum() / (r.shape[0] - 1)  # DEVIATION: σ² is a variance; the public ports' σ⁴ squares it
+    impostor = classes[:, None] != mu_class[None, :]  # (B, M) other-class clusters only, Eq. 1 denominator
     log_denominator = torch.logsumexp((-dist / (2 * sigma2)).masked_fill(~impostor, -math.inf), 1)  # (B,)
     per_example = F.relu(own / (2 * sigma2) + alpha + log_denominator)  # (B,) Eq. 1 in log space
     return per_example.mean(), per_example, sigma2
 
 
 class NeighbourhoodSampler:
-    """Alg. 1's batch construction over a cluster index (build_cluster_index's output): a seed cluster drawn with
-    p ∝ its loss, its M−1 nearest impostor clusters, D examples from each. Keeps every example's last recorded
-    Magnet Loss; a cluster's loss is the mean over its members that have one. Lives on the CPU: its work per
-    batch is O(M*D + C*K), so it never waits on the device."""
+    """Alg. 1's batch construction over a cluster index (build_cluster_index's output): a seed cluster drawn
+    with p ∝ its loss, its M−1 nearest impostor clusters, D examples from each. Keeps every example's last
+    recorded Magnet Loss; a cluster's loss is the mean over its members that have one. Lives on the CPU: its
+    work per batch is O(M*D + C*K), so it never waits on the device."""
 
     def __init__(self, assign: torch.Tensor, centroids: torch.Tensor, cluster_class: torch.Tensor):
         self.example_loss = torch.zeros(len(assign), dtype=torch.float64)  # (N,)
@@ -630,18 +650,20 @@ class NeighbourhoodSampler:
         self.assign, centroids, cluster_class = assign.cpu(), centroids.cpu(), cluster_class.cpu()
         k = len(centroids)
         order = torch.argsort(self.assign, stable=True)  # (N,) members grouped by cluster
-        self.members = torch.split(order, torch.bincount(self.assign, minlength=k).tolist())  # C*K index tensors
+        self.members = torch.split(order,
+                                   torch.bincount(self.assign, minlength=k).tolist())  # C*K index tensors
         dist = sq_dists(centroids, centroids)  # (C*K, C*K)
         dist[cluster_class[:, None] == cluster_class[None, :]] = math.inf
         self.n_impostors = int((dist < math.inf).sum(1).min())  # fewest other-class clusters any cluster has
         self.impostors = dist.argsort(1)[:, :self.n_impostors]  # (C*K, I) other-class clusters, nearest first
-        self.loss_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, self.assign, self.example_loss * self.seen)
+        self.loss_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, self.assign,
+                                                                       self.example_loss * self.seen)
         self.loss_count = torch.zeros(k, dtype=torch.float64).index_add_(0, self.assign, self.seen.double())
         self.cluster_loss = self.cluster_losses()
 
     def cluster_losses(self) -> torch.Tensor:
-        """Mean recorded loss per cluster (C*K,). UNSPECIFIED: a cluster with no recorded member gets the mean of
-        the others, so it is still drawn; all clusters are uniform before any loss is recorded."""
+        """Mean recorded loss per cluster (C*K,). UNSPECIFIED: a cluster with no recorded member gets the mean
+        of the others, so it is still drawn; all clusters are uniform before any loss is recorded."""
         loss = self.loss_sum / self.loss_count.clamp_min(1)  # (C*K,)
         visited = self.loss_count > 0
         loss[~visited] = loss[visited].mean() if visited.any() else 1.0
@@ -664,8 +686,8 @@ class NeighbourhoodSampler:
     def sample(self, m: int, d: int, generator: torch.Generator | None = None):
         """-> indices (m*d,) and their batch cluster ids (m*d,), ids being global cluster ids."""
         if m - 1 > self.n_impostors:
-            raise ValueError(f"m={m} clusters per batch needs m-1 impostor clusters of other classes; there are "
-                             f"only {self.n_impostors}")
+            raise ValueError(f"m={m} clusters per batch needs m-1 impostor clusters of other classes; "
+                             f"there are only {self.n_impostors}")
         weights = self.cluster_loss if self.cluster_loss.sum() > 0 else torch.ones_like(self.cluster_loss)
         seed = int(torch.multinomial(weights, 1, generator=generator))  # Alg. 1: I_1 ~ p_I ∝ cluster loss
         impostors = self.impostors[seed, :m - 1]  # (m-1,) Alg. 1: the nearest clusters of other classes
@@ -689,12 +711,14 @@ def magnet_predict(emb: torch.Tensor, centroids: torch.Tensor, cluster_class: to
     return votes.scatter_add_(1, cluster_class[nearest], weight).argmax(1)  # (B,)
 
 
-# ---- 7. other deep-metric-learning objectives (paper §5, NOTES §6) ---------------------------------------
-# Paper §5: "other DML losses can be used as long as they form clusters". The cluster index (per-class K-Means++ on
-# the embedding), its refresh and the selector stay as they are; only the embedding's batches and loss change.
-def class_balanced_batch(by_class: list, p: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """P random classes × K random examples of each (drawn with replacement only inside a class smaller than K).
-    by_class: one index tensor per class -> idx (P*K,)"""
+# ---- 7. other deep-metric-learning objectives (paper §5) ---------------------------------------------------
+# Paper §5: "other DML losses can be used as long as they form clusters". The cluster index (per-class
+# K-Means++ on the embedding), its refresh and the selector stay as they are; only the embedding's batches and
+# loss change.
+def class_balanced_batch(by_class: list, p: int, k: int,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """P random classes × K random examples of each (drawn with replacement only inside a class smaller than
+    K). by_class: one index tensor per class -> idx (P*K,)"""
     classes = torch.randperm(len(by_class), generator=generator)[:p]  # (P,)
     idx = []
     for c in classes.tolist():
@@ -708,10 +732,11 @@ def class_balanced_batch(by_class: list, p: int, k: int, generator: torch.Genera
 def osm_caa_loss(emb: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, margin: float = 1.2,
                  lam: float = 0.5, sigma: float = 0.8) -> torch.Tensor:
     """Weighted contrastive loss with online soft mining and class-aware attention (Wang et al., AAAI 2019,
-    arXiv:1811.01459, Eqs. 3-8; NOTES §6). emb (B, d) raw embeddings, labels (B,), logits (B, C) of a linear head on
-    the normalised embedding -> scalar. Over all pairs i < j of f = emb/‖emb‖, d_ij = ‖f_i − f_j‖: positive weight
-    exp(−d²/σ²), negative weight max(0, α − d), each × min(a_i, a_j), a_i = softmax(logits_i)[y_i]; the weights are
-    constants. The paper's text, not its Caffe code (which uses exp(−d²/(2σ²)) and a Gaussian of a_i)."""
+    arXiv:1811.01459, Eqs. 3-8). emb (B, d) raw embeddings, labels (B,), logits (B, C) of a linear head on the
+    normalised embedding -> scalar. Over all pairs i < j of f = emb/‖emb‖, d_ij = ‖f_i − f_j‖: positive weight
+    exp(−d²/σ²), negative weight max(0, α − d), each × min(a_i, a_j), a_i = softmax(logits_i)[y_i]; the
+    weights are constants. The paper's text, not its Caffe code (which uses exp(−d²/(2σ²)) and a Gaussian of
+    a_i)."""
     f = F.normalize(emb, dim=1)  # (B, d)
     i, j = torch.triu_indices(len(f), len(f), 1, device=f.device)  # (P,) every pair i < j
     d2 = (f[i] - f[j]).pow(2).sum(1)  # (P,)
@@ -719,7 +744,8 @@ def osm_caa_loss(emb: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, 
     same = labels[i] == labels[j]  # (P,)
     with torch.no_grad():  # OSM × CAA weights: constants
         a = logits.softmax(1).gather(1, labels[:, None]).squeeze(1)  # (B,) class-aware attention a_i
-        soft = torch.where(same, torch.exp(-d2 / sigma ** 2), (margin - d).clamp_min(0))  # (P,) online soft mining
+        soft = torch.where(same, torch.exp(-d2 / sigma ** 2),
+                           (margin - d).clamp_min(0))  # (P,) online soft mining
         w = soft * torch.minimum(a[i], a[j])  # (P,)
     w_pos, w_neg = w * same, w * ~same  # (P,), (P,)
     loss_pos = 0.5 * (w_pos * d2).sum() / w_pos.sum().clamp_min(1e-12)  # L_P
@@ -727,11 +753,11 @@ def osm_caa_loss(emb: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, 
     return (1 - lam) * loss_pos + lam * loss_neg
 
 
-def triplet_global_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float = 0.2,
-                        t: float = 0.4, lam: float = 1.0) -> torch.Tensor:
-    """Smart Mining's objective (Harwood et al., ICCV 2017, Eq. 1-2; NOTES §6): the mean triplet hinge
-    max(0, ‖a − p‖² − ‖a − n‖² + m) plus the global loss of Kumar BG et al. (CVPR 2016),
-    σ²⁺ + σ²⁻ + λ max(0, μ⁺ − μ⁻ + t) over the T positive and T negative squared distances. (T, d) each -> scalar."""
+def triplet_global_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                        margin: float = 0.2, t: float = 0.4, lam: float = 1.0) -> torch.Tensor:
+    """Smart Mining's objective (Harwood et al., ICCV 2017, Eq. 1-2): the mean triplet hinge max(0, ‖a − p‖² −
+    ‖a − n‖² + m) plus the global loss of Kumar BG et al. (CVPR 2016), σ²⁺ + σ²⁻ + λ max(0, μ⁺ − μ⁻ + t) over
+    the T positive and T negative squared distances. (T, d) each -> scalar."""
     d_pos = (anchor - positive).pow(2).sum(1)  # (T,)
     d_neg = (anchor - negative).pow(2).sum(1)  # (T,)
     triplet = (d_pos - d_neg + margin).clamp_min(0).mean()
@@ -742,13 +768,13 @@ def triplet_global_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: 
 
 def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor, n_neighbours: int,
                   chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smart Mining's whole-set mining by exact nearest-neighbour search (the paper's FANNG is approximate): for each
-    anchor, the hard negative is the nearest other-class example; the hard positive the farthest among its
-    n_neighbours nearest same-class examples (itself excluded). Chunks of anchors against the whole set, never an
-    (N, N) matrix; the default chunk keeps each (chunk, N) matrix at 2^24 floats (64 MB) whatever N. emb (N, d),
-    labels (N,), anchors (A,) indices -> positives (A,), negatives (A,) indices."""
+    """Smart Mining's whole-set mining by exact nearest-neighbour search (the paper's FANNG is approximate):
+    for each anchor, the hard negative is the nearest other-class example; the hard positive the farthest
+    among its n_neighbours nearest same-class examples (itself excluded). Chunks of anchors against the whole
+    set, never an (N, N) matrix; the default chunk keeps each (chunk, N) matrix at 2^24 floats (64 MB)
+    whatever N. emb (N, d), labels (N,), anchors (A,) indices -> positives (A,), negatives (A,) indices."""
     positives, negatives, chunk = [], [], chunk or max(1, 2 ** 24 // len(emb))
-    # DEVIATION: exact search, not FANNG's approximate one: exact is simpler and cheap at these sizes (NOTES §6)
+    # DEVIATION: exact search, not FANNG's approximate one: exact is simpler and cheap at these sizes
     for a in anchors.split(chunk):  # (a,)
         dist = sq_dists(emb[a], emb)  # (a, N)
         same = labels[a][:, None] == labels[None, :]  # (a, N)
@@ -756,29 +782,32 @@ def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor
         dist[torch.arange(len(a), device=emb.device), a] = math.inf  # never the anchor itself
         near, near_idx = dist.masked_fill(~same, math.inf).topk(min(n_neighbours, len(emb)), 1, largest=False)
         farthest = near.masked_fill(near == math.inf, -1).argmax(1, keepdim=True)  # (a, 1) among those found
-        positives.append(torch.where(near[:, 0] < math.inf, near_idx.gather(1, farthest).squeeze(1), a))  # (a,)
+        positives.append(torch.where(near[:, 0] < math.inf,
+                                     near_idx.gather(1, farthest).squeeze(1), a))  # (a,)
     return torch.cat(positives), torch.cat(negatives)  # (A,), (A,)
 
 
 def triplet_margin_step(margin: float, active_share: float, target: float = 0.5, rate: float = 0.5) -> float:
-    """Smart Mining's adaptive controller (UNSPECIFIED form: multiplicative): raise the margin when fewer mined
-    triplets than `target` have a non-zero hinge, lower it when more do."""
+    """Smart Mining's adaptive controller (UNSPECIFIED form: multiplicative): raise the margin when fewer
+    mined triplets than `target` have a non-zero hinge, lower it when more do."""
     return margin * math.exp(rate * (target - active_share))
 
 
 def dml_crc_loss(z: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0, tau: float = 1.0,
                  n_classes: int | None = None) -> torch.Tensor:
-    """DML-CRC (Chakraborti et al., arXiv:1905.01168; NOTES §6, UNSPECIFIED: no formulas were published). z (B, d) =
-    A·f with A the learnt Mahalanobis factor (M = AᵀA). Each example's collaborative code over the other B − 1
-    examples D: c = (DᵀD + κI)⁻¹Dᵀz_i; class residuals r_k = ‖z_i − D_k c_k‖² for the classes present among the
-    others; the loss is the mean cross-entropy of softmax(−r/τ) against y_i. Needs ≥ 2 examples of each class.
-    n_classes (C) given, nothing waits for the device."""
+    """DML-CRC (Chakraborti et al., arXiv:1905.01168; UNSPECIFIED: no formulas were published). z (B, d) = A·f
+    with A the learnt Mahalanobis factor (M = AᵀA). Each example's collaborative code over the other B − 1
+    examples D: c = (DᵀD + κI)⁻¹Dᵀz_i; class residuals r_k = ‖z_i − D_k c_k‖² for the classes present among
+    the others; the loss is the mean cross-entropy of softmax(−r/τ) against y_i. Needs ≥ 2 examples of each
+    class. n_classes (C) given, nothing waits for the device."""
     b, j = len(z), torch.arange(len(z) - 1, device=z.device)
-    others = j[None, :] + (j[None, :] >= torch.arange(b, device=z.device)[:, None]).long()  # (B, B−1) all but i
+    others = j[None, :] + (j[None, :]
+                           >= torch.arange(b, device=z.device)[:, None]).long()  # (B, B−1) all but i
     dictionary = z[others]  # (B, B−1, d) row j of D_i: z of the j-th other example
     gram = dictionary @ dictionary.transpose(1, 2)  # (B, B−1, B−1) DᵀD
     eye = torch.eye(b - 1, dtype=z.dtype, device=z.device)
-    code = torch.linalg.solve_ex(gram + ridge * eye, dictionary @ z[:, :, None])[0]  # (B, B−1, 1) ridge solution
+    code = torch.linalg.solve_ex(gram + ridge * eye,
+                                 dictionary @ z[:, :, None])[0]  # (B, B−1, 1) ridge solution
     onehot = F.one_hot(labels[others], n_classes or int(labels.max()) + 1).to(z.dtype)  # (B, B−1, C)
     recon = (onehot * code).transpose(1, 2) @ dictionary  # (B, C, d) D_k c_k for every class k
     residual = (z[:, None, :] - recon).pow(2).sum(2)  # (B, C)
@@ -787,8 +816,8 @@ def dml_crc_loss(z: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0, tau:
 
 
 def recall_at_1(emb: torch.Tensor, labels: torch.Tensor, chunk: int | None = None) -> float:
-    """Share of examples whose nearest other example (squared Euclidean) has their class, in (chunk, N) blocks of at
-    most 2^24 floats by default. emb (N, d), labels (N,)."""
+    """Share of examples whose nearest other example (squared Euclidean) has their class, in (chunk, N) blocks
+    of at most 2^24 floats by default. emb (N, d), labels (N,)."""
     hits, chunk = 0, chunk or max(1, 2 ** 24 // len(emb))
     for start in range(0, len(emb), chunk):
         dist = sq_dists(emb[start:start + chunk], emb)  # (c, N)
@@ -801,7 +830,8 @@ def recall_at_1(emb: torch.Tensor, labels: torch.Tensor, chunk: int | None = Non
 def nmi(assign: torch.Tensor, labels: torch.Tensor) -> float:
     """Normalised mutual information of a clustering and the labels, 2 I(U; V) / (H(U) + H(V)) (the arithmetic
     normalisation, scikit-learn's default), from their contingency table. assign (N,), labels (N,) ints."""
-    table = torch.zeros(int(assign.max()) + 1, int(labels.max()) + 1, dtype=torch.float64, device=assign.device)
+    table = torch.zeros(int(assign.max()) + 1, int(labels.max()) + 1, dtype=torch.float64,
+                        device=assign.device)
     table.index_put_((assign, labels), torch.ones(len(assign), dtype=torch.float64, device=assign.device),
                      accumulate=True)  # (U, V)
     p = table / len(assign)  # (U, V) joint
@@ -813,10 +843,11 @@ def nmi(assign: torch.Tensor, labels: torch.Tensor) -> float:
     return float(2 * mutual / denominator) if denominator > 0 else 1.0
 
 
-# ---- 8. SPLD selector (paper §3.2, Alg. 2 steps 7-13, Eq. 2) ---------------------------------------------
+# ---- 8. SPLD selector (paper §3.2, Alg. 2 steps 7-16, Eq. 2) -----------------------------------------------
 def rank_in_group(losses: torch.Tensor, groups: torch.Tensor):
-    """Sort by group, then by loss inside it: one stable sort pair, no loop over groups. losses (N,), groups (N,)
-    non-negative ints -> order (N,), rank (N,) = 1..n_k of order's samples inside their group, sizes (G,)."""
+    """Sort by group, then by loss inside it: one stable sort pair, no loop over groups. losses (N,), groups
+    (N,) non-negative ints -> order (N,), rank (N,) = 1..n_k of order's samples inside their group, sizes
+    (G,)."""
     by_loss = torch.argsort(losses, stable=True)  # (N,)
     order = by_loss[torch.argsort(groups[by_loss], stable=True)]  # (N,) by group, then by loss inside it
     g = groups[order]  # (N,)
@@ -825,10 +856,12 @@ def rank_in_group(losses: torch.Tensor, groups: torch.Tensor):
     return order, torch.arange(len(g), device=g.device) - start[g] + 1, sizes  # (N,), (N,), (G,)
 
 
-def spld_select(losses: torch.Tensor, groups: torch.Tensor, lam, gamma: float) -> torch.Tensor:
+def spld_select(losses: torch.Tensor, groups: torch.Tensor, lam, gamma: float,
+                max_keep: int | None = None) -> torch.Tensor:
     """Global optimum of Eq. 2, min_W Σ W_i L_i − λ Σ W_i − γ Σ_k ‖W^k‖₂ over W ∈ {0,1}^N (Jiang et al., NIPS
     2014): inside each group rank losses ascending, i = 1, 2, ..., keep i iff L_i < λ + γ/(√i + √(i−1)).
-    losses (N,), groups (N,) non-negative ints, lam a float or one λ_k per group (G,) -> mask (N,) bool."""
+    losses (N,), groups (N,) non-negative ints, lam a float or one λ_k per group (G,) -> mask (N,) bool.
+    max_keep: keep at most that many, those with the largest margin λ + γ/(√i + √(i−1)) − L_i."""
     if losses.dim() != 1 or groups.shape != losses.shape:
         raise ValueError(f"spld_select needs losses (N,) and groups (N,), got {tuple(losses.shape)} and "
                          f"{tuple(groups.shape)}")
@@ -837,37 +870,51 @@ def spld_select(losses: torch.Tensor, groups: torch.Tensor, lam, gamma: float) -
     lam = lam[groups[order]] if lam.dim() else lam  # (N,) or (): Eq. 2 separates over groups, so λ may differ
     rank = rank.double()
     threshold = lam + gamma / (rank.sqrt() + (rank - 1).sqrt())  # (N,) Eq. 2, Alg. 2 step 10
-    mask = torch.empty_like(losses, dtype=torch.bool)
-    mask[order] = losses[order].double() < threshold
+    margin = torch.empty_like(losses, dtype=torch.float64)
+    margin[order] = threshold - losses[order].double()  # (N,)
+    mask = margin > 0  # (N,)
+    if max_keep is not None and int(mask.sum()) > max_keep:
+        mask = torch.zeros_like(mask).index_fill_(
+            0, torch.argsort(margin, descending=True, stable=True)[:max_keep], True)
     return mask  # (N,)
 
 
 def rank_quota(f: float, sizes: torch.Tensor) -> int:
-    """K_t of the rank pace: a fraction f of the mean size of the non-empty groups (sizes (G,)), rounded up."""
+    """K_t of the rank pace: a fraction f of the mean size of the non-empty groups (sizes (G,)), rounded up.
+    """
     nonempty = sizes[sizes > 0]
     return math.ceil(f * int(nonempty.sum()) / len(nonempty))
 
 
 def pace_fraction(t: int, f0: float, beta1: float, f_max: float = 1.0) -> float:
-    """f_t = f0 (1+β1)^t, the share SPL iteration t keeps by easiness alone (Alg. 2 step 16; DEVIATION: grows by
-    (1+β1), step 16 as printed, λ ← β1 λ, would shrink it), capped at f_max < 1 (NOTES §10). Uncapped it may pass 1:
-    the rank pace's K_t = ⌈f_t · mean cluster size⌉ must outgrow the mean to reach the largest cluster."""
+    """f_t = f0 (1+β1)^t, the share SPL iteration t keeps by easiness alone (Alg. 2 step 16; DEVIATION: grows
+    by (1+β1); step 16 as printed, λ ← β1 λ, would shrink it), capped at f_max < 1 (the clean share under
+    label noise, as Co-teaching keeps). Uncapped it may pass 1: the rank pace's K_t = ⌈f_t · mean cluster
+    size⌉ must outgrow the mean to reach the largest cluster."""
     f = f0 * (1 + beta1) ** t
     return min(f, f_max) if f_max < 1 else f
 
 
+def cap_iteration(f0: float, beta1: float, f_max: float) -> float:
+    """The first SPL iteration whose f_t reaches f_max < 1 (inf when it never does, or f_max = 1)."""
+    if f_max >= 1 or (f0 < f_max and beta1 <= 0):
+        return math.inf
+    return max(0, math.ceil(math.log(f_max / f0) / math.log1p(beta1) - 1e-12)) if f0 < f_max else 0
+
+
 def spld_pace(losses: torch.Tensor, t: int, mode: str, f0: float, rho0: float, beta1: float, beta2: float,
-              lam0: float = 0.0, gamma0: float = 0.0, groups: torch.Tensor | None = None, f_max: float = 1.0):
+              groups: torch.Tensor | None = None, f_max: float = 1.0):
     """λ_t, γ_t for SPL iteration t = 0, 1, ... (Alg. 2 step 16). The paper sets them "according to the ranked
-    samples": UNSPECIFIED beyond that (NOTES §3). quantile: λ_t is the loss quantile that keeps
-    f_t = min(f_max, f0 (1+β1)^t) of the samples by easiness alone, γ_t = ρ0 (1+β2)^t λ_t. absolute: λ_0, γ_0 as
-    quantile at t = 0, then λ_0 (1+β1)^t, γ_0 (1+β2)^t. rank (needs groups): one λ_k per group (G,), the loss
-    that keeps the K_t = ⌈f_t · mean group size⌉ lowest of each group, γ_t as quantile."""
-    if mode == "absolute" and t > 0:  # DEVIATION: grows by (1+β); step 16 as printed (λ ← β1 λ) would shrink it
-        return lam0 * (1 + beta1) ** t, gamma0 * (1 + beta2) ** t
-    f, rho = pace_fraction(t, f0, beta1, f_max), rho0 * (1 + beta2) ** t
+    samples", UNSPECIFIED beyond that. quantile: λ_t is the loss quantile that keeps f_t = min(f_max, f0
+    (1+β1)^t) of the samples by easiness alone, γ_t = ρ_t λ_t with ρ_t = ρ0 (1+β2)^t. rank (needs groups): one
+    λ_k per group (G,), the loss that keeps the K_t = ⌈f_t · mean group size⌉ lowest of each group, γ_t as
+    quantile. losses (N,) -> lam (a float, or (G,) for rank), gamma (a float)."""
+    # DEVIATION: under a cap ρ_t stops growing where f_t reaches it: otherwise γ_t, ρ0 (1+β2)^t times λ, would
+    # outgrow every loss within ~100 passes and the capped pace would admit every sample again
+    rho = rho0 * (1 + beta2) ** min(t, cap_iteration(f0, beta1, f_max))  # DEVIATION: × (1+β2), as λ's pace
+    f = pace_fraction(t, f0, beta1, f_max)
     quantile = torch.quantile(losses.double(), min(f, 1.0)).item()
-    if mode == "rank":  # DEVIATION: λ per cluster, the authors' count pace (NOTES §8); Eq. 2 still decides
+    if mode == "rank":  # the authors' count pace: λ per cluster; Eq. 2 still decides
         order, rank, sizes = rank_in_group(losses, groups)  # (N,), (N,), (G,)
         lam = torch.full((len(sizes),), math.inf, dtype=torch.float64, device=losses.device)  # (G,)
         first_out = order[rank == rank_quota(f, sizes) + 1]  # the (K_t+1)-th lowest loss of each larger group
@@ -879,18 +926,79 @@ def spld_pace(losses: torch.Tensor, t: int, mode: str, f0: float, rho0: float, b
 
 def pace_keeps_all(t: int, mode: str, f0: float, beta1: float, sizes: torch.Tensor | None = None,
                    f_max: float = 1.0) -> bool:
-    """True when SPL iteration t (and so every later one) keeps every sample whatever the losses: quantile pace
-    once f_t ≥ 1, rank pace once K_t ≥ the largest group (sizes (G,)); never for the absolute pace."""
+    """True when SPL iteration t (and so every later one) keeps every sample whatever the losses: quantile
+    pace once f_t ≥ 1, rank pace once K_t ≥ the largest group (sizes (G,)); never under a cap f_max < 1."""
     f = pace_fraction(t, f0, beta1, f_max)
     if mode == "quantile":
         return f >= 1
     return mode == "rank" and sizes is not None and rank_quota(f, sizes) >= int(sizes.max())
 
 
+def clean_share_estimate(losses: torch.Tensor, iters: int = 50) -> float:
+    """The share of samples whose labels look clean, as DivideMix estimates it (Li, Socher & Hoi, ICLR 2020):
+    a two-component Gaussian mixture fitted by EM to the per-sample losses scaled to [0, 1]; a sample is clean
+    when its posterior for the low-mean component exceeds 0.5. losses (N,) -> a share in (0, 1]."""
+    x = losses.double()
+    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)  # (N,)
+    mu = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=torch.float64))  # (2,) UNSPECIFIED: EM's start
+    var, weight = torch.full((2,), x.var().item() / 4 + 1e-4, dtype=torch.float64), torch.full((2,), 0.5)
+    for _ in range(iters):
+        log_p = (-(x[:, None] - mu) ** 2 / (2 * var) - 0.5 * var.log() + weight.double().log())  # (N, 2)
+        post = log_p.softmax(1)  # (N, 2) E step
+        mass = post.sum(0).clamp_min(1e-12)  # (2,) M step
+        weight, mu = mass / len(x), (post * x[:, None]).sum(0) / mass
+        var = ((post * (x[:, None] - mu) ** 2).sum(0) / mass).clamp_min(5e-4)  # DivideMix's reg_covar
+    clean = post[:, int(mu.argmin())] > 0.5  # (N,)
+    return max(float(clean.double().mean()), 1 / len(x))
+
+
+class SPLDSelector:
+    """The pace (Alg. 2 step 16) and selection (steps 7-13, Eq. 2) of self-paced learning with diversity, one
+    SPL iteration t per select(): select(losses, groups) keeps the samples of Eq. 2 at λ_t, γ_t, then t += 1.
+    groups=None is plain SPL (one group, γ = 0). f_max < 1 caps every pass at ⌈f_max · N⌉ samples;
+    f_max="auto" sets the cap at the first select() from clean_share_estimate(losses)."""
+
+    def __init__(self, f0: float = 0.7, beta1: float = 0.1, beta2: float = 0.1, rho0: float = 0.5,
+                 f_max: float | str = 1.0, pace: str = "quantile"):
+        self.f0, self.beta1, self.beta2, self.rho0, self.pace = f0, beta1, beta2, rho0, pace
+        self.f_max = f_max
+        self.t = 0  # SPL iteration: the number of select() calls so far
+        self.clean_share_estimate = None  # f_max="auto": the estimate the cap was set from
+        self.lam = self.gamma = None  # the last select()'s λ_t (rank pace: mean of the finite λ_k) and γ_t
+
+    def select(self, losses: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """losses (N,), groups (N,) cluster ids or None -> mask (N,) bool."""
+        if self.f_max == "auto":  # UNSPECIFIED: estimated once, at the curriculum's start
+            self.clean_share_estimate = self.f_max = clean_share_estimate(losses)
+        rho0 = self.rho0 if groups is not None else 0.0  # SPL: γ = 0, one group
+        groups = torch.zeros_like(losses, dtype=torch.long) if groups is None else groups
+        lam, gamma = spld_pace(losses, self.t, self.pace, self.f0, rho0, self.beta1, self.beta2, groups,
+                               self.f_max)  # Alg. 2 step 16
+        cap = math.ceil(self.f_max * len(losses)) if self.f_max < 1 else None  # DEVIATION: the cap holds
+        mask = spld_select(losses, groups, lam, gamma, cap)  # (N,) Alg. 2 steps 7-13, Eq. 2
+        self.lam = lam if isinstance(lam, float) else lam[lam < math.inf].mean().item()
+        self.t, self.gamma = self.t + 1, gamma
+        return mask
+
+    def keeps_all(self, sizes: torch.Tensor | None = None, ahead: int = 0) -> bool:
+        """True when select() number t + ahead, and every later one, keeps every sample whatever the losses;
+        sizes (G,): the groups' sizes, for the rank pace."""
+        f_max = 1.0 if self.f_max == "auto" else self.f_max
+        return pace_keeps_all(self.t + ahead, self.pace, self.f0, self.beta1, sizes, f_max)
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "f_max": self.f_max, "clean_share_estimate": self.clean_share_estimate}
+
+    def load_state_dict(self, state: dict):
+        self.t, self.f_max = state["t"], state["f_max"]
+        self.clean_share_estimate = state["clean_share_estimate"]
+
+
 def fixed_pixel_clusters(data: dict, k: int, iters: int, seed: int, max_bytes: int = 2 ** 28) -> torch.Tensor:
-    """SPLD baseline's groups (NOTES §4). UNSPECIFIED: per-class K-Means++ on normalised raw pixels, computed once;
-    where those would pass max_bytes as float32 (CIFAR, SVHN at full size), on a fixed Gaussian random projection
-    to the width that fits (distances kept within a few %, Johnson-Lindenstrauss), made in chunks. -> (N,)"""
+    """SPLD baseline's groups (Jiang et al., NIPS 2014, cluster a fixed feature space). UNSPECIFIED: per-class
+    K-Means++ on normalised raw pixels, computed once; where those would pass max_bytes as float32 (CIFAR,
+    SVHN at full size), on a fixed Gaussian random projection to the width that fits (distances kept within a
+    few %, Johnson-Lindenstrauss), made in chunks. -> (N,)"""
     x = data["x_train"]
     n, dim = len(x), x[0].numel()
     width = min(dim, max(16, max_bytes // (4 * n)))
@@ -904,23 +1012,140 @@ def fixed_pixel_clusters(data: dict, k: int, iters: int, seed: int, max_bytes: i
 
 def infobatch_select(scores: torch.Tensor, prune_ratio: float, progress: float, anneal: float = 0.875,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """InfoBatch (Qin et al., ICLR 2024, arXiv:2303.04947; NOTES §9), the baseline, not part of SPL-ADVisE: the
-    samples whose score (last training loss) is below the mean are candidates; a random (1 − r) of them is kept
-    with weight 1/(1 − r), so the expected gradient is the full set's; from `anneal` of the epochs on, every sample
+    """InfoBatch (Qin et al., ICLR 2024, arXiv:2303.04947), the baseline, not part of SPL-ADVisE: the samples
+    whose score (last training loss) is below the mean are candidates; a random (1 − r) of them is kept with
+    weight 1/(1 − r), so the expected gradient is the full set's; from `anneal` of the epochs on, every sample
     is kept at weight 1. scores (N,), progress = epochs done / epochs -> kept (N,) bool, weights (N,)."""
     weights = torch.ones_like(scores)  # (N,)
     if progress >= anneal:
         return torch.ones_like(scores, dtype=torch.bool), weights
-    candidates = scores < scores.mean()  # (N,) none while every score is equal, so the first pass prunes nothing
+    candidates = scores < scores.mean()  # (N,) none while all scores tie, so the first pass prunes nothing
     idx_cand = candidates.nonzero().flatten()  # (N_c,)
-    n_keep = round((1 - prune_ratio) * len(idx_cand))  # InfoBatch's code truncates; rounding is closer to 1 − r
+    # InfoBatch's code truncates; rounding is closer to 1 − r
+    n_keep = round((1 - prune_ratio) * len(idx_cand))
     kept = ~candidates  # (N,)
     kept[idx_cand[torch.randperm(len(idx_cand), generator=generator, device=scores.device)[:n_keep]]] = True
     weights[candidates] = 1 / (1 - prune_ratio)  # pruned candidates never use theirs
     return kept, weights
 
 
-# ---- 9. training steps and evaluation --------------------------------------------------------------------
+# ---- 9. SPL-ADVisE in your own loop: a Sampler (Alg. 2 steps 3-16) -----------------------------------------
+def world_and_rank(num_replicas: int | None = None, rank: int | None = None) -> tuple[int, int]:
+    """The world size and this process's rank: as given, else from an initialised torch.distributed (as
+    DistributedSampler takes them), else 1 and 0."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if num_replicas is None:
+        num_replicas = torch.distributed.get_world_size() if distributed else 1
+    if rank is None:
+        rank = torch.distributed.get_rank() if distributed else 0
+    if not 0 <= rank < num_replicas:
+        raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+    return num_replicas, rank
+
+
+class SPLADVisESampler(torch.utils.data.Sampler):
+    """The curriculum of Alg. 2 as a Sampler over a map-style dataset of N samples. It yields every sample
+    until the first select(losses (N,), groups (N,) or None) -> mask (N,), then the samples Eq. 2 keeps at SPL
+    iteration t = the number of earlier select() calls, in an order drawn per epoch from a private generator
+    seeded from (seed, epoch): the global RNGs are untouched. Under torch.distributed it shards as
+    DistributedSampler does: every rank holds the same selection, pads its shuffled copy with its first
+    indices to a multiple of the world size and yields perm[rank::world]. fixed_length=True cycles the
+    shuffled selection to N indices an epoch (⌈N / world⌉ a rank), for schedulers that count on N."""
+
+    def __init__(self, data_source, f0: float = 0.7, beta1: float = 0.1, beta2: float = 0.1,
+                 rho0: float = 0.5, f_max: float | str = 1.0, pace: str = "quantile", seed: int = 0,
+                 num_replicas: int | None = None, rank: int | None = None, fixed_length: bool = False):
+        self.n = len(data_source)
+        self.world, self.rank = world_and_rank(num_replicas, rank)
+        self.selector = SPLDSelector(f0, beta1, beta2, rho0, f_max, pace)  # the CLI's pace and Eq. 2
+        self.idx_selected = torch.arange(self.n)  # (K,) = (N,) until a select(): the authors' first epoch
+        self.seed, self.epoch, self.fixed_length = seed, 0, fixed_length
+
+    def select(self, losses: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """Alg. 2 steps 7-13 and 16 at t = self.selector.t: losses (N,), groups (N,) cluster ids or None
+        (plain SPL: one group, γ = 0), on any device -> mask (N,) bool on the CPU, the samples each epoch
+        yields until the next select(). Ranks must pass equal losses (score_losses all-gathers them)."""
+        losses = torch.as_tensor(losses).detach().cpu()  # (N,) Eq. 2 on the CPU, the same on every rank
+        if losses.shape != (self.n,):
+            raise ValueError(f"select needs losses of shape ({self.n},), got {tuple(losses.shape)}")
+        groups = None if groups is None else torch.as_tensor(groups).detach().long().cpu()  # (N,)
+        mask = self.selector.select(losses, groups)  # (N,) Alg. 2 step 16 paces, Eq. 2 keeps; t += 1
+        self.idx_selected = mask.nonzero().flatten()  # (K,) empty if Eq. 2 keeps none: epochs yield none
+        return mask
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if len(self.idx_selected) == 0:
+            return 0
+        return math.ceil((self.n if self.fixed_length else len(self.idx_selected)) / self.world)
+
+    def __iter__(self):
+        # not DistributedSampler's seed + epoch: that replays seed 1's epoch 0 as seed 0's epoch 1
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = self.idx_selected[torch.randperm(len(self.idx_selected), generator=g)]  # (K,) on all ranks
+        total = len(self) * self.world
+        if total:  # pad (fixed_length: cycle) with its first indices, as DistributedSampler pads
+            perm = perm.repeat(math.ceil(total / len(perm)))[:total]  # (world · len(self),)
+        return iter(perm[self.rank::self.world].tolist())
+
+    def state_dict(self) -> dict:
+        """The pace's t (and f_max="auto"'s cap), the selection idx_selected (K,), the epoch and the seed: all
+        a resumed run needs to yield the same order and pace its next select() at the next t."""
+        return {"selector": self.selector.state_dict(), "idx_selected": self.idx_selected.clone(),
+                "epoch": self.epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict):
+        if len(state["idx_selected"]) and int(state["idx_selected"].max()) >= self.n:
+            raise ValueError(f"the saved selection indexes past this dataset's {self.n} samples")
+        self.selector.load_state_dict(state["selector"])
+        self.idx_selected, self.epoch = state["idx_selected"].clone(), state["epoch"]
+        self.seed = state["seed"]
+
+
+@contextlib.contextmanager
+def true_float32():
+    """cuDNN's TF32 off (it is on by default for convolutions on Ampere and later): Eq. 2 ranks float32
+    losses, and TF32's 10-bit mantissa would tie near-equal ones."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
+def score_losses(model: nn.Module, dataset, batch_size: int = 1024, device=None) -> torch.Tensor:
+    """Alg. 2 steps 5-6: every sample's cross-entropy under `model` in dataset order, in eval mode (the
+    model's mode is restored after) and float32. dataset: map-style, items (x, y); device: where to run,
+    by default the model's. Under an initialised torch.distributed with world > 1 each rank scores the
+    shard rank::world and the shards are all-gathered, so every rank returns the same losses. -> (N,) CPU"""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # DDP forward may broadcast buffers, a collective a rank with no samples skips
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    world, rank = world_and_rank()
+    n = len(dataset)
+    shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, n, world))
+    was_training, chunks = model.training, [torch.zeros(0, device=device)]  # (0,): a rank may score none
+    model.eval()
+    with torch.inference_mode(), true_float32():
+        for x, y in torch.utils.data.DataLoader(shard, batch_size, shuffle=False):
+            logits = model(x.to(device)).float()  # (B, C) float32: reduced-precision logits tie Eq. 2's ranks
+            chunks.append(F.cross_entropy(logits, y.to(device), reduction="none"))  # (B,)
+    model.train(was_training)
+    losses = torch.cat(chunks)  # (N_r,) made outside inference mode, so callers may edit it in place
+    if world == 1:
+        return losses.cpu()
+    gather_on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")  # gloo: CPU
+    size = math.ceil(n / world)  # all_gather needs one shape on every rank: pad each shard to the longest
+    mine = F.pad(losses.to(gather_on), (0, size - len(losses)))  # (⌈N / world⌉,)
+    shards = [torch.empty_like(mine) for _ in range(world)]  # world × (⌈N / world⌉,)
+    torch.distributed.all_gather(shards, mine)
+    return torch.stack(shards, 1).flatten()[:n].cpu()  # (N,) row j of the stack: samples j·world + rank
+
+
+# ---- 10. training steps and evaluation ---------------------------------------------------------------------
 class NonFiniteLoss(Exception):
     """A loss became NaN or inf; the message names the network and the update."""
 
@@ -933,15 +1158,28 @@ def seed_everything(seed: int, deterministic: bool = False):
     torch.backends.cudnn.benchmark = not deterministic
 
 
-# Where CUDA differs from the CPU: these helpers, and nothing else (NOTES §11). CUDA tensors shared with the child
-# (section 10) are the one other difference.
+# Where CUDA differs from the CPU: these helpers, the CUDA tensors shared with the child (section 11), and
+# nothing else.
+def bf16_enabled(amp: str, device: torch.device, network: str) -> bool:
+    """--amp for one process's network ("student" or "embedding") on that process's device. auto: bf16 where
+    the device has it natively (emulated bf16 is slower than float32): on CUDA (compute capability >= 8) both
+    networks; on a CPU with AVX512-BF16 only the embedding, which just sorts samples into clusters, so the
+    student's accuracy stays that of float32."""
+    if amp == "auto" and device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if amp == "auto":
+        return network == "embedding" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return amp == "on" or (amp == "embed" and network == "embedding")
+
+
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast (--amp) for the device's type; on the CPU it walks the same autocast paths as on CUDA."""
+    """bf16 autocast for the device's type; on the CPU it walks the same autocast paths as on CUDA."""
     return torch.autocast(device.type, torch.bfloat16, enabled=enabled)
 
 
 def sync(device: torch.device):
-    """Wait for the kernels queued on a CUDA device, so that a phase's time is its own (nothing to do on the CPU)."""
+    """Wait for the kernels queued on a CUDA device, so that a phase's time is its own (nothing to do on the
+    CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -956,26 +1194,31 @@ def set_rng_states(states: dict, device: torch.device):
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"].cpu())
-    if device.type == "cuda" and states["cuda"] is not None:  # a run saved on the CPU keeps CUDA's fresh stream
+    # a run saved on the CPU keeps CUDA's fresh stream
+    if device.type == "cuda" and states["cuda"] is not None:
         torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
 def save_atomic(obj, path: str):
-    """torch.save to a temporary file, fsync, then os.replace: the file on disk is always a complete one.
-    SPLADVISE_SLOW_CHECKPOINT=SECONDS (tests only) sleeps before the rename, to let a test kill the writer."""
+    """torch.save to a temporary file, fsync, then os.replace: the file on disk is always a complete one."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    time.sleep(float(os.environ.get("SPLADVISE_SLOW_CHECKPOINT", 0)))
     os.replace(tmp, path)
 
 
-def build_net(name, shape, n_out, dropout, device) -> nn.Module:
-    """make_net on the device, channels_last."""
+def load_cpu(path: str):
+    """Every file this program reads back loads to the CPU first; the caller moves what it needs."""
+    return torch.load(path, weights_only=False, map_location="cpu")
+
+
+def build_net(name: str, shape, n_out: int, dropout: float, device) -> nn.Module:
+    """make_net on the device, channels_last (also on the CPU, where oneDNN's convolutions are faster in it).
+    """
     net = make_net(name, shape[0], n_out, shape[1], dropout).to(device)
-    return net.to(memory_format=torch.channels_last)  # also on the CPU: oneDNN convolutions run 1.2-2.4x faster
+    return net.to(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
@@ -984,92 +1227,225 @@ def forward_all(net, x, mean, std, batch: int, amp: bool = False) -> torch.Tenso
     was_training = net.training
     net.eval()
     with autocast(x.device, amp):  # to_input's elementwise ops stay float32 under autocast
-        outs = [net(to_input(x[i:i + batch], mean, std)).float() for i in range(0, len(x), batch)]  # (b, n_out) each
+        outs = [net(to_input(x[i:i + batch], mean, std)).float()
+                for i in range(0, len(x), batch)]  # (b, n_out)
     net.train(was_training)
     return torch.cat(outs)  # (N, n_out)
 
 
-def new_embedding_state(cfg: Config, data: dict, saved: dict | None = None) -> dict:
-    """Everything the embedding trainer carries between iterations: net (+ OSM's head), Adam, sampler, counters,
-    generator, Smart Mining's margin and triplets; restored from `saved` (embedding_state_dict's, loaded to the
-    CPU: the modules and Adam copy to their device) if given."""
-    device, n_classes = data["x_train"].device, int(data["y_train"].max()) + 1
-    net = build_net(cfg.embed_net, data["x_train"].shape[1:], cfg.embed_dim, 0.0, device)
-    if cfg.embed_loss == "dml_crc":  # z = A·f: A, the Mahalanobis factor (M = AᵀA), is the net's last layer
-        net = nn.Sequential(net, nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=False)).to(device)
-        nn.init.eye_(net[1].weight)
-    head = nn.Linear(cfg.embed_dim, n_classes).to(device) if cfg.embed_loss == "osm_caa" else nn.Identity()
-    state = {"net": net, "head": head, "opt": torch.optim.Adam([*net.parameters(), *head.parameters()],
-                                                               lr=cfg.embed_lr), "sampler": None,
-             "iteration": 0, "sigma2_sum": 0.0, "version": 0, "triplets": None,
-             "margin": 0.2,  # UNSPECIFIED: Smart Mining's starting margin; its controller moves it
-             "by_class": [(data["y_train"] == c).nonzero().flatten().cpu() for c in range(n_classes)],  # P x K batches
-             "gen": torch.Generator().manual_seed(cfg.seed + 1)}
-    if saved:
-        for key in ("net", "head", "opt"):
-            state[key].load_state_dict(saved[key])
-        state["gen"].set_state(saved["gen"])
-        state.update({k: saved[k] for k in SAVED_COUNTERS}, saved_losses=saved["losses"])
-    return state
+def training_losses(net, data: dict, batch: int) -> torch.Tensor:
+    """Alg. 2 steps 5-6: every training sample's cross-entropy under the student, in float32 whatever --amp
+    (bf16 logits tie, and ties shift Eq. 2's ranks) -> (N,)."""
+    with true_float32():
+        logits = forward_all(net, data["x_train"], data["mean"], data["std"], batch)  # (N, C)
+    return F.cross_entropy(logits, data["y_train"], reduction="none")  # (N,)
 
 
-SAVED_COUNTERS = ("iteration", "sigma2_sum", "version", "margin")
+def accuracy(net, x, y, mean, std, batch: int, amp: bool) -> float:
+    return (forward_all(net, x, mean, std, batch, amp).argmax(1) == y).float().mean().item()
 
 
-def embedding_state_dict(state: dict) -> dict:
-    s = state["sampler"]
-    return {**{k: state[k].state_dict() for k in ("net", "head", "opt")}, "gen": state["gen"].get_state(),
-            **{k: state[k] for k in SAVED_COUNTERS}, "losses": (s.example_loss, s.seen) if s else None}
+def small_loss_keep(per_sample: torch.Tensor, keep_rate: float) -> torch.Tensor:
+    """Co-teaching's selection inside a mini-batch, with one network (Han et al., NeurIPS 2018): the indices
+    of the ⌊R·B⌋ smallest losses (at least one). per_sample (B,) -> (⌊R·B⌋,)"""
+    return torch.argsort(per_sample, stable=True)[:max(1, int(keep_rate * len(per_sample)))]
+
+
+def small_loss_rate(epoch: float, forget_rate: float, ramp_epochs: float) -> float:
+    """Co-teaching's keep rate R(T) = 1 − τ·min(T / T_k, 1), T the epochs done, τ the forget rate."""
+    return 1 - forget_rate * min(epoch / ramp_epochs, 1.0) if ramp_epochs > 0 else 1 - forget_rate
+
+
+def student_step(net, opt, x, y, lr: float, amp: bool, weights=None, keep_rate: float = 1.0) -> torch.Tensor:
+    """Alg. 2 step 4: one SGD update on a normalised batch x (B, C, H, W), labels y (B,). weights (B,):
+    InfoBatch's rescaling; keep_rate < 1: only that share of the smallest losses updates (--sampler
+    small-loss). -> every sample's loss (B,), detached (InfoBatch's next scores)."""
+    with autocast(x.device, amp):
+        logits = net(x)  # (B, C)
+    per_sample = F.cross_entropy(logits.float(), y, reduction="none")  # (B,)
+    keep = small_loss_keep(per_sample.detach(), keep_rate) if keep_rate < 1 else slice(None)
+    loss = (per_sample * weights).mean() if weights is not None else per_sample[keep].mean()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return per_sample.detach()
 
 
 QUALITY = ("embed_acc", "embed_recall1", "embed_nmi")  # how an index's embedding is judged on the test set
 
 
-def embedding_refresh(state: dict, data: dict, cfg: Config, judge: bool = True) -> dict:
-    """Alg. 1 step 2: embed the whole training set, per-class K-Means++, reindex the sampler (Smart Mining: mine
-    every sample's hard triplet, then step the margin by the share of them it keeps active). judge: also rate the
-    embedding on the test set (None otherwise: the warm-up's own refreshes, which no curriculum uses) by Magnet
-    soft-vote accuracy (NOTES §2), Recall@1 and the NMI of class-agnostic K-Means (k = C), and save Fig. 2's
-    snapshot. -> the index {assign, centroids, cluster_class, version, iteration, embed_acc, embed_recall1,
-    embed_nmi}."""
-    def embed(x):  # UNSPECIFIED for osm_caa: its distances are between normalised embeddings; cluster those
-        emb = forward_all(state["net"], x, data["mean"], data["std"], cfg.score_batch, cfg.amp != "off")  # (n, d)
-        return F.normalize(emb, dim=1) if cfg.embed_loss == "osm_caa" else emb
-    emb, y, y_test = embed(data["x_train"]), data["y_train"], data["y_test"]  # (N, d), (N,), (N_test,)
-    gen = torch.Generator(emb.device).manual_seed(cfg.seed + 1 + state["version"])
-    assign, centroids, cluster_class = build_cluster_index(emb, y, cfg.k, cfg.kmeans_iters, gen)
-    if cfg.embed_loss == "magnet":
-        if state["sampler"] is None:
-            state["sampler"] = NeighbourhoodSampler(assign, centroids, cluster_class)
-            if losses := state.pop("saved_losses", None):
-                state["sampler"].example_loss, state["sampler"].seen = losses
-        state["sampler"].reindex(assign, centroids, cluster_class)
-    if cfg.embed_loss == "triplet_global":
-        positives, negatives = state["triplets"] = mine_triplets(emb, y, torch.arange(len(y), device=emb.device),
-                                                                 cfg.neighbours)  # (N,), (N,)
-        d_pos, d_neg = (emb - emb[positives]).pow(2).sum(1), (emb - emb[negatives]).pow(2).sum(1)  # (N,), (N,)
-        active = (d_pos - d_neg + state["margin"] > 0).double().mean().item()
-        state["margin"] = triplet_margin_step(state["margin"], active, cfg.triplet_target)
-        print(f"[embedding] iteration={state['iteration']} triplet_active={active:.3f} "
-              f"margin={state['margin']:.4f}", flush=True)
-    state["version"] += 1
-    index = {"assign": assign, "centroids": centroids, "cluster_class": cluster_class, "version": state["version"],
-             "iteration": state["iteration"], **dict.fromkeys(QUALITY)}
-    if not judge:
-        return index
-    variance = (state["sigma2_sum"] / state["iteration"] if cfg.embed_loss == "magnet" and state["iteration"] else
-                (emb - centroids[assign]).pow(2).sum(1).mean().item())  # σ̄² of Eq. 1, or UNSPECIFIED: the index's
-    test_emb = embed(data["x_test"])  # (N_test, d)
-    predicted = magnet_predict(test_emb, centroids, cluster_class, variance, min(cfg.neighbours, len(centroids)))
-    test_assign = kmeans_pp(test_emb, len(centroids) // cfg.k, cfg.kmeans_iters, gen)[1]  # (N_test,)
-    # Fig. 2's input: the first 50 test images of each class, the same at every version -> OUT/embeddings/v*.pt
-    order, rank, _ = rank_in_group(torch.arange(len(y_test), dtype=torch.float64, device=y_test.device), y_test)
-    sample, path = order[rank <= 50], os.path.join(cfg.run_dir, "embeddings", f"v{state['version']:05d}.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_atomic({"version": state["version"], "iteration": state["iteration"], "emb": test_emb[sample].cpu(),
-                 "labels": y_test[sample].cpu()}, path)  # a killed writer leaves no torn file for --plot
-    return {**index, "embed_acc": (predicted == y_test).float().mean().item(),
-            "embed_recall1": recall_at_1(test_emb, y_test), "embed_nmi": nmi(test_assign, y_test)}
+class EmbeddingTrainer:
+    """Alg. 1's state across iterations: the embedding net (with OSM's classifier head, or DML-CRC's metric
+    factor), its Adam, the neighbourhood sampler and its counters; `schedule()` runs Alg. 1 and yields each
+    index. Restored from `saved` (a state_dict() loaded to the CPU) if given."""
+
+    def __init__(self, cfg: Config, data: dict, saved: dict | None = None):
+        self.cfg, self.data = cfg, data
+        device, n_classes = data["x_train"].device, int(data["y_train"].max()) + 1
+        self.net = build_net(cfg.embed_net, data["x_train"].shape[1:], cfg.embed_dim, 0.0, device)
+        # z = A·f: A, the Mahalanobis factor (M = AᵀA), is the net's last layer
+        if cfg.embed_loss == "dml_crc":
+            self.net = nn.Sequential(self.net, nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=False)).to(device)
+            nn.init.eye_(self.net[1].weight)
+        self.head = (nn.Linear(cfg.embed_dim, n_classes).to(device) if cfg.embed_loss == "osm_caa"
+                     else nn.Identity())
+        self.opt = torch.optim.Adam([*self.net.parameters(), *self.head.parameters()], lr=cfg.embed_lr)
+        self.amp = bf16_enabled(cfg.amp, device, "embedding")
+        self.by_class = [(data["y_train"] == c).nonzero().flatten().cpu() for c in range(n_classes)]  # P × K
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.sampler, self.triplets, self.saved_losses = None, None, None
+        self.iteration, self.sigma2_sum, self.version = 0, 0.0, 0
+        self.margin = 0.2  # UNSPECIFIED: Smart Mining's starting margin; its controller moves it
+        if saved:
+            for name in ("net", "head", "opt"):
+                getattr(self, name).load_state_dict(saved[name])
+            self.gen.set_state(saved["gen"])
+            self.iteration, self.sigma2_sum, self.version, self.margin = saved["counters"]
+            self.saved_losses = saved["losses"]
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "head": self.head.state_dict(), "opt": self.opt.state_dict(),
+                "gen": self.gen.get_state(),
+                "counters": (self.iteration, self.sigma2_sum, self.version, self.margin),
+                "losses": (self.sampler.example_loss, self.sampler.seen) if self.sampler else None}
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images (n, C, H, W) -> embeddings (n, d); UNSPECIFIED for osm_caa: its distances are between
+        normalised embeddings, so those are clustered."""
+        emb = forward_all(self.net, x, self.data["mean"], self.data["std"], self.cfg.score_batch, self.amp)
+        return F.normalize(emb, dim=1) if self.cfg.embed_loss == "osm_caa" else emb
+
+    def refresh(self, judge: bool, keep_going=lambda: True) -> dict | None:
+        """Alg. 1 step 2: embed the training set, per-class K-Means++, reindex the sampler (Smart Mining: mine
+        every sample's hard triplet and step its margin). judge: also rate the embedding on the test set
+        (soft-vote accuracy, Recall@1, NMI of K-Means with k = C) and save Fig. 2's snapshot. None if stopped
+        midway. -> the index {assign (N,), version, iteration, embed_acc, embed_recall1, embed_nmi}"""
+        cfg, y, y_test = self.cfg, self.data["y_train"], self.data["y_test"]
+        emb = self.embed(self.data["x_train"])  # (N, d)
+        gen = torch.Generator(emb.device).manual_seed(cfg.seed + 1 + self.version)
+        assign, centroids, cluster_class = build_cluster_index(emb, y, cfg.k, cfg.kmeans_iters, gen)
+        if not keep_going():
+            return None
+        if cfg.embed_loss == "magnet" and self.sampler is None:
+            self.sampler = NeighbourhoodSampler(assign, centroids, cluster_class)
+            if self.saved_losses is not None:
+                self.sampler.example_loss, self.sampler.seen = self.saved_losses
+        if cfg.embed_loss == "magnet":
+            self.sampler.reindex(assign, centroids, cluster_class)
+        if cfg.embed_loss == "triplet_global":
+            self.step_margin(emb)
+        self.version += 1
+        index = {"assign": assign, "version": self.version, "iteration": self.iteration,
+                 **dict.fromkeys(QUALITY)}
+        if not judge:
+            return index
+        # σ̄² of Eq. 1, or UNSPECIFIED: the index's
+        variance = (self.sigma2_sum / self.iteration if cfg.embed_loss == "magnet" and self.iteration else
+                    (emb - centroids[assign]).pow(2).sum(1).mean().item())
+        test_emb = self.embed(self.data["x_test"])  # (N_test, d)
+        if not keep_going():
+            return None
+        predicted = magnet_predict(test_emb, centroids, cluster_class, variance,
+                                   min(cfg.neighbours, len(centroids)))
+        test_assign = kmeans_pp(test_emb, len(centroids) // cfg.k, cfg.kmeans_iters, gen)[1]  # (N_test,)
+        self.save_snapshot(test_emb)
+        return {**index, "embed_acc": (predicted == y_test).float().mean().item(),
+                "embed_recall1": recall_at_1(test_emb, y_test), "embed_nmi": nmi(test_assign, y_test)}
+
+    def step_margin(self, emb: torch.Tensor):
+        """Smart Mining: each sample's hardest triplet over the whole set, then the margin's controller step.
+        """
+        y = self.data["y_train"]
+        positives, negatives = self.triplets = mine_triplets(emb, y, torch.arange(len(y), device=emb.device),
+                                                             self.cfg.neighbours)  # (N,), (N,)
+        d_pos = (emb - emb[positives]).pow(2).sum(1)  # (N,)
+        d_neg = (emb - emb[negatives]).pow(2).sum(1)  # (N,)
+        active = (d_pos - d_neg + self.margin > 0).double().mean().item()
+        self.margin = triplet_margin_step(self.margin, active, self.cfg.triplet_target)
+        print(f"[embedding] iteration={self.iteration} triplet_active={active:.3f} margin={self.margin:.4f}",
+              flush=True)
+
+    def save_snapshot(self, test_emb: torch.Tensor):
+        """Fig. 2's input: the first 50 test images of each class, the same at every version ->
+        OUT/embeddings/."""
+        y_test = self.data["y_test"]
+        order, rank, _ = rank_in_group(
+            torch.arange(len(y_test), dtype=torch.float64, device=y_test.device), y_test)
+        sample = order[rank <= 50]
+        path = os.path.join(self.cfg.run_dir, "embeddings", f"v{self.version:05d}.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_atomic({"version": self.version, "iteration": self.iteration, "emb": test_emb[sample].cpu(),
+                     "labels": y_test[sample].cpu()}, path)  # a killed writer leaves no torn file for --plot
+
+    def batch_loss(self):
+        """One batch of the embedding objective: Alg. 1 steps 3-5 for the Magnet Loss, a class-balanced P × K
+        batch (P·K = M·D) for the others. -> (loss, (idx, per-example losses, σ²) for the Magnet Loss, else
+        None)."""
+        cfg, x, y = self.cfg, self.data["x_train"], self.data["y_train"]
+        device = x.device
+
+        def embed(idx):  # UNSPECIFIED: no augmentation, as the index it is clustered for sees none
+            inputs = to_input(x[idx], self.data["mean"], self.data["std"])  # (B, C, H, W) float32
+            with autocast(device, self.amp):
+                return self.net(inputs).float()  # (B, d)
+        if cfg.embed_loss == "magnet":
+            idx, clusters = self.sampler.sample(cfg.m, cfg.d, self.gen)  # (M*D,), (M*D,) on the CPU
+            idx_dev = idx.to(device, non_blocking=True)  # queued before the forward: no wait
+            loss, per_example, sigma2 = magnet_loss(embed(idx_dev), y[idx_dev], clusters, cfg.alpha)
+            return loss, (idx, per_example, sigma2)
+        # UNSPECIFIED: P = M classes × K = D images, the magnet batch's size
+        p = min(cfg.m, len(self.by_class))
+        idx = class_balanced_batch(self.by_class, p, cfg.magnet_batch // p,
+                                   self.gen).to(device, non_blocking=True)
+        if cfg.embed_loss == "triplet_global":
+            positives, negatives = self.triplets
+            anchor, positive, negative = embed(torch.cat([idx, positives[idx], negatives[idx]])).chunk(3)
+            return triplet_global_loss(anchor, positive, negative, self.margin), None
+        r = embed(idx)  # (P*K, d)
+        if cfg.embed_loss == "dml_crc":
+            return dml_crc_loss(r, y[idx], n_classes=len(self.by_class)), None
+        logits = self.head(F.normalize(r, dim=1))  # (P*K, C) the class-aware attention's classifier
+        return osm_caa_loss(r, y[idx], logits) + F.cross_entropy(logits, y[idx]), None
+
+    def train(self, n_iters: int, keep_going=lambda: True, share: float = 1.0):
+        """Alg. 1 steps 3-7 for n_iters iterations: a batch, its loss, an Adam step; the Magnet Loss also
+        records the per-example losses for the next seed draws. One device sync per iteration. share < 1:
+        sleep after each iteration so that training takes that share of the wall time."""
+        for _ in range(n_iters):
+            if not keep_going():
+                return
+            t0 = time.time()
+            loss, magnet = self.batch_loss()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.iteration += 1
+            extra = (magnet[2][None], magnet[1]) if magnet else ()
+            values = torch.cat([loss[None], *extra]).detach().double().cpu()  # loss, σ², ℓ_b: one sync
+            if not math.isfinite(values[0]):
+                raise NonFiniteLoss(f"non-finite loss in the embedding network at update {self.iteration}")
+            if magnet:
+                self.sampler.record(magnet[0], values[2:])
+                self.sigma2_sum += float(values[1])  # σ̄² = sigma2_sum / iteration, used by magnet_predict
+            time.sleep((time.time() - t0) * (1 / share - 1))
+
+    def schedule(self, share: float = 1.0, keep_going=lambda: True):
+        """Alg. 1 as the child runs it and inline mode replays it: yield the current net's index (the sampler
+        draws from it), then train to each refresh (every R iterations and at the end of the warm-up; after
+        the warm-up at `share` of the wall time) and yield its index, judged once a curriculum may use it.
+        Ends when frozen after the warm-up (R = -1) or when keep_going() turns false."""
+        n = len(self.data["y_train"])
+        every, warmup = self.cfg.refresh_iterations(n), self.cfg.warmup_iterations(n)
+        index = self.refresh(self.iteration >= warmup, keep_going)
+        while index is not None:
+            yield index
+            target = next_refresh(self.iteration, every, warmup)
+            if target is None or not keep_going():
+                return
+            self.train(target - self.iteration, keep_going, 1.0 if self.iteration < warmup else share)
+            index = self.refresh(self.iteration >= warmup, keep_going) if keep_going() else None
 
 
 def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
@@ -1081,138 +1457,42 @@ def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
     return min(nxt, warmup) if iteration < warmup else nxt
 
 
-def embedding_schedule(state: dict, data: dict, cfg: Config, share: float = 1.0, keep_going=lambda: True):
-    """Alg. 1 as the child runs it and inline mode replays it: yield the current net's index (the sampler draws
-    from it), then train to each refresh (every R iterations and at the end of the warm-up; after the warm-up at
-    `share` of the wall time) and yield its index (Alg. 1 step 2), judged once a curriculum may use it. Ends when
-    frozen after the warm-up (R = -1) or when keep_going() says so."""
-    n = len(data["y_train"])
-    every, warmup = cfg.refresh_iterations(n), cfg.warmup_iterations(n)
-    yield embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
-    while keep_going() and (target := next_refresh(state["iteration"], every, warmup)) is not None:
-        embedding_train(state, data, cfg, target - state["iteration"], keep_going,
-                        1.0 if state["iteration"] < warmup else share)
-        if keep_going():
-            yield embedding_refresh(state, data, cfg, judge=state["iteration"] >= warmup)
-
-
-def embedding_train(state: dict, data: dict, cfg: Config, n_iters: int, keep_going=lambda: True, share=1.0):
-    """Alg. 1 steps 3-7 for n_iters iterations: a batch, its loss, an Adam step; the Magnet Loss also records the
-    per-example losses for the next seed draws. One device sync per iteration. share < 1: sleep after each
-    iteration so that training takes that share of the wall time (the child's CPU share after its warm-up)."""
-    device = next(state["net"].parameters()).device
-    for _ in range(n_iters):
-        if not keep_going():
-            return
-        t0 = time.time()
-        loss, magnet = embedding_batch_loss(state, data, cfg, device)
-        state["opt"].zero_grad(set_to_none=True)
-        loss.backward()
-        state["opt"].step()
-        state["iteration"] += 1
-        values = torch.cat([loss[None], *((magnet[2][None], magnet[1]) if magnet else ())]).detach().double().cpu()
-        # (1,) or (2 + M*D,): loss, then σ² and ℓ_b of the Magnet Loss, in the one sync
-        if not math.isfinite(values[0]):
-            raise NonFiniteLoss(f"non-finite loss in the embedding network at update {state['iteration']}")
-        if magnet:
-            state["sampler"].record(magnet[0], values[2:])
-            state["sigma2_sum"] += float(values[1])  # σ̄² = sigma2_sum / iteration, used by magnet_predict
-        time.sleep((time.time() - t0) * (1 / share - 1))
-
-
-def embedding_batch_loss(state: dict, data: dict, cfg: Config, device):
-    """One batch of the embedding objective: Alg. 1 steps 3-5 for the Magnet Loss, a class-balanced P × K batch
-    (P·K = M·D) for the others. -> (loss, (idx, per-example losses, σ²) for the Magnet Loss, else None)."""
-    x, y = data["x_train"], data["y_train"]
-
-    def embed(idx):  # UNSPECIFIED: no augmentation, as the index it is clustered for sees none
-        inputs = to_input(x[idx], data["mean"], data["std"])  # (B, C, H, W) float32, outside autocast
-        with autocast(device, cfg.amp != "off"):
-            return state["net"](inputs).float()  # (B, d)
-    if cfg.embed_loss == "magnet":
-        idx, clusters = state["sampler"].sample(cfg.m, cfg.d, state["gen"])  # (M*D,), (M*D,) on the CPU
-        idx_dev = idx.to(device, non_blocking=True)  # queued before the forward: no wait
-        loss, per_example, sigma2 = magnet_loss(embed(idx_dev), y[idx_dev], clusters, cfg.alpha)
-        return loss, (idx, per_example, sigma2)
-    p = min(cfg.m, len(state["by_class"]))  # UNSPECIFIED: P = M classes × K = D images, the magnet batch's size
-    idx = class_balanced_batch(state["by_class"], p, cfg.magnet_batch // p, state["gen"]).to(
-        device, non_blocking=True)  # (P*K,)
-    if cfg.embed_loss == "triplet_global":
-        positives, negatives = state["triplets"]
-        anchor, positive, negative = embed(torch.cat([idx, positives[idx], negatives[idx]])).chunk(3)
-        return triplet_global_loss(anchor, positive, negative, state["margin"]), None
-    r = embed(idx)  # (P*K, d)
-    if cfg.embed_loss == "dml_crc":
-        return dml_crc_loss(r, y[idx], n_classes=len(state["by_class"])), None
-    logits = state["head"](F.normalize(r, dim=1))  # (P*K, C) the class-aware attention's classifier
-    return osm_caa_loss(r, y[idx], logits) + F.cross_entropy(logits, y[idx]), None
-
-
-def student_pass(net, opt, idx_pass, lrs: list, data, aug, batch: int, amp: bool, stop, first_update: int,
-                 weights=None, scores=None):
-    """Alg. 2 steps 3-4: mini-batch SGD over idx_pass (P,) in its order, lrs[u] the learning rate of the pass's u-th
-    update (their number caps the pass), ending early when stop() says so. InfoBatch: each sample's loss times
-    weights (N,), and its loss written to scores (N,). -> (updates done, mean training loss)."""
-    net.train()
-    losses = []  # stay on the device until the pass ends
-    for i in range(0, min(len(idx_pass), len(lrs) * batch), batch):
-        if stop():
-            break
-        idx = idx_pass[i:i + batch]
-        inputs = to_input(data["x_train"][idx], data["mean"], data["std"], aug)  # float32: its grid too
-        with autocast(idx.device, amp):
-            logits = net(inputs)  # (B, C)
-        per_sample = F.cross_entropy(logits.float(), data["y_train"][idx], reduction="none")  # (B,)
-        loss = (per_sample * weights[idx]).mean() if weights is not None else per_sample.mean()
-        if scores is not None:
-            scores[idx] = per_sample.detach()  # InfoBatch's score: no extra forward pass
-        for group in opt.param_groups:
-            group["lr"] = lrs[len(losses)]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    losses = torch.stack(losses) if losses else torch.zeros(0)  # (U,)
-    if not torch.isfinite(losses).all():
-        bad = first_update + int((~torch.isfinite(losses)).nonzero()[0]) + 1
-        raise NonFiniteLoss(f"non-finite loss in the student network at update {bad}")
-    return len(losses), losses.mean().item()  # NaN for a pass stopped before its first update
-
-
-# ---- 10. embedding process (Alg. 2 step 2: "in parallel with steps 3-16") --------------------------------
-# The embedding trainer runs in a child process (forkserver), started before the student loads its data; the data
-# and the shared index reach it through a queue. The student (parent) allocates every shared tensor, keeps it alive
-# until the child has exited, and is the only reader; the child is the only writer. CUDA tensors travel by CUDA IPC,
-# CPU tensors live in shared memory. A publish writes the index, synchronises the device, then bumps the version,
-# all under one lock; the reader copies under the same lock, so it never sees half an index.
-#   name            shape       dtype    writer     reader
-#   assign          (N,)        int64    child      student    cluster id of every training sample
-#   centroids       (C*K, d)    float32  child      student    cluster centres
-#   cluster_class   (C*K,)      int64    child      student    class of each cluster
-#   status          (6,)        float64  child      student    STATUS: version, iteration, quality, CPU s; CPU
+# ---- 11. embedding process (Alg. 2 step 2: "in parallel with steps 3-16") ----------------------------------
+# The embedding trainer runs in a child process (forkserver), started before the student loads its data; the
+# data and the shared index reach it through a queue. The student (parent) allocates every shared tensor,
+# keeps it alive until the child has exited, and is the only reader; the child is the only writer. CUDA
+# tensors travel by CUDA IPC, CPU tensors live in shared memory. A publish writes the index, synchronises the
+# device, then bumps the version, all under one lock; the reader copies under the same lock and synchronises
+# its device before releasing it, so it never sees half an index.
+#   name      shape   dtype    writer   reader
+#   assign    (N,)    int64    child    student   cluster id of every training sample
+#   status    (7,)    float64  child    student   STATUS: version, iteration, the index's quality (NaN: not
+#                                                 judged), the last refresh's seconds, the child's CPU
+# seconds; CPU
 class EmbeddingFailed(Exception):
     """The embedding process died; the message holds its exception text or exit signal."""
 
 
-STATUS = ("version", "iteration", *QUALITY, "cpu_s")  # the index's scalars (NaN: not judged), the child's CPU time
+STATUS = ("version", "iteration", *QUALITY, "refresh_s", "cpu_s")
 
 
-def publish(shared: dict, lock, index: dict):
+def publish(shared: dict, lock, index: dict, refresh_s: float):
     with lock:
-        for key in ("assign", "centroids", "cluster_class"):
-            shared[key].copy_(index[key])
-        sync(shared["assign"].device)  # the copies land before the version says they have
-        shared["status"].copy_(torch.tensor([math.nan if index.get(k) is None else index[k] for k in STATUS[:-1]]
-                                            + [time.process_time()], dtype=torch.float64))
+        shared["assign"].copy_(index["assign"])
+        sync(shared["assign"].device)  # the copy lands before the version says it has
+        values = [math.nan if index[k] is None else index[k] for k in STATUS[:-2]]
+        shared["status"].copy_(torch.tensor(values + [refresh_s, time.process_time()], dtype=torch.float64))
 
 
 def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
-    """Child entry point: wait for the data, then Alg. 1 for ever, publishing a fresh index every R iterations,
-    until the student sets `stop` or dies. Its own state goes to state_path (atomically) at every publish."""
+    """Child entry point: wait for the data, then Alg. 1 until the student sets `stop` or dies, publishing a
+    fresh index every R iterations and saving its own state (atomically) to OUT/embed_state.pt after each
+    publish."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the whole process group; the student decides
     try:
         parent = mp.parent_process()
-        keep_going = lambda: not stop.is_set() and parent.is_alive()  # exits on its own if the parent is killed
+        # exits on its own if the parent is killed
+        keep_going = lambda: not stop.is_set() and parent.is_alive()
         work = None
         while work is None and keep_going():
             try:
@@ -1221,15 +1501,19 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
                 continue
         if work is None:
             return
-        data, shared, state_path, n_threads = work
+        data, shared, n_threads = work
         cfg = Config(**cfg_dict)
         torch.set_num_threads(n_threads)
         seed_everything(cfg.seed + 1, cfg.deterministic)
-        state = new_embedding_state(cfg, data, torch.load(state_path, weights_only=False, map_location="cpu")
-                                    if cfg.resume and os.path.exists(state_path) else None)
-        for index in embedding_schedule(state, data, cfg, cfg.embed_share, keep_going):  # --embed-share after warm-up
-            publish(shared, lock, index)
-            save_atomic(embedding_state_dict(state), state_path)
+        state_path = os.path.join(cfg.run_dir, "embed_state.pt")
+        saved = load_cpu(state_path) if cfg.resume and os.path.exists(state_path) else None
+        trainer = EmbeddingTrainer(cfg, data, saved)
+        t0 = time.time()
+        for index in trainer.schedule(cfg.embed_share, keep_going):  # --embed-share after its warm-up
+            publish(shared, lock, index, time.time() - t0)
+            if keep_going():  # a stopped child saves nothing: the student may be waiting to kill it
+                save_atomic(trainer.state_dict(), state_path)
+            t0 = time.time()
         while keep_going():  # frozen after the warm-up: wait to be stopped
             time.sleep(0.1)
     except BaseException as e:
@@ -1242,85 +1526,136 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
         status[-1] = time.process_time()  # its CPU seconds, read once it has stopped
 
 
-def spawn_embedding_process(cfg: Config) -> dict:
-    """Start the child before the student loads its data, and waiting for send_embedding_work. It forks from a
-    server process that imports torch once (3 s of CPU, with torch._dynamo, which torch.optim imports on first use),
-    and Process.start() returns only then, so the child's warm-up starts with the student's first pass (started from
-    a thread, the student outran the warm-up by a pass: README "Cost"). Later children (--runs, --bench) start at
-    once."""
-    ctx = mp.get_context("forkserver")  # spawn's clean start (safe with CUDA and threads), without re-imports
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.optim"])
-    lock, stop, errors, inbox = ctx.Lock(), ctx.Event(), ctx.Queue(), ctx.Queue()
-    status = torch.zeros(len(STATUS), dtype=torch.float64).share_memory_()
-    proc = ctx.Process(target=embedding_worker, name="spladvise-embedding", daemon=True,
-                       args=(dataclasses.asdict(cfg), inbox, status, lock, stop, errors))
-    proc.start()
-    print(f"[embedding] pid={proc.pid}", flush=True)
-    return {"proc": proc, "inbox": inbox, "lock": lock, "stop": stop, "errors": errors, "data": None,
-            "shared": {"status": status}, "checked": time.time(), "failure": None, "cores": None}
+class EmbeddingProcess:
+    """Alg. 2 step 2 in a child process: start(data), newest(index) without waiting, failure(), stop()."""
+
+    def __init__(self, cfg: Config):
+        """Spawn the child, which waits for start(). It forks from a server process that imports torch once,
+        and Process.start() returns only then, so the child's warm-up starts with the student's first pass."""
+        # spawn's clean start (safe with CUDA and threads), without re-imports
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch._dynamo", "torch.optim"])
+        self.lock, self.stop_flag, self.errors, self.inbox = ctx.Lock(), ctx.Event(), ctx.Queue(), ctx.Queue()
+        self.shared = {"status": torch.zeros(len(STATUS), dtype=torch.float64).share_memory_()}
+        self.proc = ctx.Process(target=embedding_worker, name="spladvise-embedding", daemon=True, args=(
+            dataclasses.asdict(cfg), self.inbox, self.shared["status"], self.lock, self.stop_flag,
+            self.errors))
+        self.proc.start()
+        print(f"[embedding] pid={self.proc.pid}", flush=True)
+        self.warmup, self.data, self.cores, self.cause = 0, None, None, None
+        self.checked, self.device = 0.0, None
+
+    def start(self, data: dict, n_threads: int, warmup: int, cores_after_warmup: int | None):
+        """Send the data and the shared index to the waiting child; both stay alive here until it exits. Once
+        an index from >= warmup iterations is out, hand_over_cores() says so once (the child then trains at
+        --embed-share)."""
+        share = lambda tensors: {k: v.share_memory_() if v.device.type == "cpu" else v
+                                 for k, v in tensors.items()}
+        self.device = data["x_train"].device
+        self.shared |= share({"assign": torch.zeros(len(data["y_train"]), dtype=torch.int64,
+                                                    device=self.device)})
+        self.data, self.warmup, self.cores = share(data), warmup, cores_after_warmup
+        self.inbox.put((self.data, self.shared, n_threads))
+
+    def failure(self) -> EmbeddingFailed | None:
+        """The child's death (its exception text or exit signal), looked at most every 0.5 s; None while
+        alive."""
+        if self.cause is None and time.time() - self.checked > 0.5:
+            self.checked = time.time()
+            if not self.proc.is_alive():
+                self.cause = EmbeddingFailed(f"embedding process (pid {self.proc.pid}) died: "
+                                             f"{self.death_cause()}")
+        return self.cause
+
+    def death_cause(self) -> str:
+        try:
+            cause = self.errors.get(timeout=2)
+        except queue.Empty:
+            code = self.proc.exitcode
+            cause = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
+                     else f"exited with code {code}")
+        if self.shared["status"][0] < 1:  # e.g. it could not open the CUDA tensors it was sent
+            alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+            likely = "exclusive-process mode, which admits one process"
+            if "expandable_segments" in alloc:
+                likely = f"PYTORCH_CUDA_ALLOC_CONF={alloc}, which breaks CUDA IPC in containers (unset it)"
+            cause += (f" before it published anything (on a GPU, likely: {likely}; or run with "
+                      f"--embed-mode inline)")
+        return cause
+
+    def hand_over_cores(self) -> bool:
+        """True once, when the warm-up's index is out and the student may take every core."""
+        version, iteration = self.shared["status"][:2].tolist()
+        if self.cores is None or version < 1 or iteration < self.warmup:
+            return False
+        print(f"[embedding] warm-up index out (iteration {iteration:.0f}); the student now uses {self.cores} "
+              f"threads", flush=True)
+        self.cores = None
+        return True
+
+    def newest(self, known: dict | None) -> dict | None:
+        """The newest index published from >= warmup iterations on, copied under the lock; `known` while there
+        is none newer. Never waits longer than the lock's 1 s."""
+        if failure := self.failure():
+            raise failure
+        version, iteration = self.shared["status"][:2].tolist()
+        if version < 1 or iteration < self.warmup or (known and known["version"] == version):
+            return known
+        if not self.lock.acquire(timeout=1.0):
+            return known
+        try:
+            assign, status = self.shared["assign"].clone(), self.shared["status"].clone()
+            # on CUDA clone() only queues the copy: it must finish before the child may write
+            sync(self.device)
+        finally:
+            self.lock.release()
+        index = {k: None if math.isnan(v) else v for k, v in zip(STATUS[:-2], status.tolist())}
+        return {**index, "assign": assign, "version": int(index["version"]),
+                "iteration": int(index["iteration"])}
+
+    def stop(self) -> float:
+        """Ask the child to stop, kill it if it does not in time. -> its CPU seconds."""
+        self.stop_flag.set()
+        # it checks the flag between iterations and inside a refresh: wait for one refresh's chunk and more
+        timeout = max(5.0, 2 * self.shared["status"][-2].item()) if self.data is not None else 0.1
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+            if self.data is not None:  # a child without work holds nothing
+                held = ""
+                if self.device.type == "cuda":
+                    mb = sum(v.numel() * v.element_size() for v in self.data.values()) / 2 ** 20
+                    held = f"; the {mb:.0f} MB of CUDA tensors it mapped stay held until this process exits"
+                print(f"[embedding] killed pid {self.proc.pid}: it did not stop within {timeout:.0f} s{held}",
+                      flush=True)
+        return self.shared["status"][-1].item()
 
 
-def send_embedding_work(handle: dict, data: dict, cfg: Config, state_path: str, n_threads: int):
-    """The data and the shared index to the waiting child; the handle keeps both alive until the child exits."""
-    share = lambda tensors: {k: v.share_memory_() if v.device.type == "cpu" else v for k, v in tensors.items()}
-    n, n_clusters, device = len(data["y_train"]), (int(data["y_train"].max()) + 1) * cfg.k, data["x_train"].device
-    handle["shared"] |= share({"assign": torch.zeros(n, dtype=torch.int64, device=device),
-                               "centroids": torch.zeros(n_clusters, cfg.embed_dim, device=device),
-                               "cluster_class": torch.zeros(n_clusters, dtype=torch.int64, device=device)})
-    handle["data"] = share(data)
-    handle["inbox"].put((handle["data"], handle["shared"], state_path, n_threads))
+class InlineEmbedding:
+    """Alg. 2 step 2 in the student's own process (--embed-mode inline, deterministic): newest() trains the
+    embedding to its next index from after the warm-up. The same interface as EmbeddingProcess."""
+
+    def __init__(self, cfg: Config, data: dict, saved: dict | None):
+        self.trainer = EmbeddingTrainer(cfg, data, saved)
+        self.warmup = cfg.warmup_iterations(len(data["y_train"]))
+        self.steps = self.trainer.schedule()
+        self.first = next(self.steps)  # always drawn: the sampler draws from it
+
+    def newest(self, known: dict | None) -> dict | None:
+        return next((new for new in self.steps if new["iteration"] >= self.warmup), known)
+
+    def failure(self):
+        return None
+
+    def hand_over_cores(self) -> bool:
+        return False
+
+    def stop(self) -> float:
+        return 0.0
 
 
-def check_embedding_process(handle: dict):
-    """Raise EmbeddingFailed, with the child's exception text or exit signal, if the child is gone."""
-    proc = handle["proc"]
-    if proc.is_alive():
-        return
-    try:
-        cause = handle["errors"].get(timeout=2)
-    except queue.Empty:
-        code = proc.exitcode
-        cause = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
-                 else f"exited with code {code}")
-    if handle["shared"]["status"][0] < 1:  # e.g. it could not open the CUDA tensors it was sent
-        cause += (" before it published anything (on a GPU, likely: exclusive-process mode, which admits one "
-                  "process; run with --embed-mode inline)")
-    raise EmbeddingFailed(f"embedding process (pid {proc.pid}) died: {cause}")
-
-
-def latest_index(handle: dict, min_iteration: int, known: dict | None) -> dict | None:
-    """Alg. 2 step 2 without waiting: the newest index published from >= min_iteration embedding iterations on,
-    copied under the lock; `known` while there is none newer. Waits at most the lock's 1 s."""
-    check_embedding_process(handle)
-    shared, lock = handle["shared"], handle["lock"]
-    version, iteration = shared["status"][:2].tolist()
-    if version < 1 or iteration < min_iteration or (known and known["version"] == version) \
-            or not lock.acquire(timeout=1.0):
-        return known
-    try:
-        index = {k: v.clone() for k, v in shared.items()}
-    finally:
-        lock.release()
-    status = {k: None if math.isnan(v) else v for k, v in zip(STATUS, index.pop("status").tolist())}
-    return {**index, **status, "version": int(status["version"]), "iteration": int(status["iteration"])}
-
-
-def stop_embedding_process(handle: dict) -> float:
-    """Ask the child to stop; kill it if it does not within 5 s (0.1 s before it has work). -> its CPU seconds."""
-    proc = handle["proc"]
-    handle["stop"].set()
-    proc.join(5 if handle["data"] is not None else 0.1)  # a child without work holds nothing to save
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    return handle["shared"]["status"][-1].item()
-
-
-# ---- 11. student loop (Alg. 2) ---------------------------------------------------------------------------
-class ConfigError(Exception):
-    """A bad flag or a flag that does not fit the data; main() prints it and exits with code 2."""
-
-
+# ---- 12. student loop (Alg. 2) -----------------------------------------------------------------------------
 def read_jsonl(path: str, max_updates: float = math.inf) -> list[dict]:
     """The complete records of a metrics file up to max_updates: a torn last line (a kill mid-write) and lines
     written after the last checkpoint are dropped."""
@@ -1338,38 +1673,41 @@ def read_jsonl(path: str, max_updates: float = math.inf) -> list[dict]:
 
 
 def prepare_data(cfg: Config, device: torch.device) -> dict:
-    """Load once, corrupt the training labels (--label-noise, a fixed generator: the same labels for every seed
-    and sampler), take the class-balanced subsets, hold a validation split out of the training set when asked, move
-    uint8 images to the device. -> {x_train, y_train, y_clean, x_test, y_test, mean, std}; x_test is the validation
-    split (noisy labels, as a user's would be) when val_size > 0."""
+    """Load once, corrupt the training labels (--label-noise, a fixed generator: the same labels for every
+    seed and sampler), hold a class-balanced validation split out of the training set (noisy labels, as a
+    user's would be), take the class-balanced subsets, move uint8 images to the device. -> {x_train, y_train,
+    y_clean, x_test, y_test, x_val, y_val (empty without --val-size), mean, std}"""
     raw = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
     gen = torch.Generator().manual_seed(0)
     x, y, x_test, y_test = raw["x_train"], raw["y_train"], raw["x_test"], raw["y_test"]
     for name, size, pool in (("val_size", cfg.val_size, len(y)), ("test_size", cfg.test_size, len(y_test)),
                              ("train_size", cfg.train_size, len(y) - cfg.val_size)):
         if size > pool:
-            raise ConfigError(f"--{name.replace('_', '-')} {size} is larger than the {pool} samples available")
-    y_clean, y = y, noisy_labels(y, cfg.label_noise, cfg.noise_kind, int(y.max()) + 1,
-                                 torch.Generator().manual_seed(12345))
+            raise ConfigError(f"--{name.replace('_', '-')} {size} is larger than the {pool} "
+                              f"samples available")
+    y_clean = y
+    y = noisy_labels(y, cfg.label_noise, cfg.noise_kind, int(y.max()) + 1,
+                     torch.Generator().manual_seed(12345))
+
     def subset(labels, n, name):
         keep, balanced = balanced_subset(labels, n, gen)
         if not balanced:
-            print(f"[data] --{name} {n}: the classes are too unequal for a balanced subset; taking a stratified "
-                  f"one (shares ∝ class sizes)", flush=True)
+            print(f"[data] --{name} {n}: the classes are too unequal for a balanced subset; taking a "
+                  f"stratified one (shares ∝ class sizes)", flush=True)
         return keep
-    if cfg.val_size:
-        val = subset(y_clean, cfg.val_size, "val-size")
-        rest = torch.ones(len(y), dtype=torch.bool).index_fill_(0, val, False)
-        x_test, y_test, x, y, y_clean = x[val], y[val], x[rest], y[rest], y_clean[rest]
-    elif cfg.test_size:
+    val = subset(y_clean, cfg.val_size, "val-size") if cfg.val_size else torch.zeros(0, dtype=torch.long)
+    rest = torch.ones(len(y), dtype=torch.bool).index_fill_(0, val, False)
+    x_val, y_val = x[val], y[val]
+    x, y, y_clean = x[rest], y[rest], y_clean[rest]
+    if cfg.test_size:
         keep = subset(y_test, cfg.test_size, "test-size")
         x_test, y_test = x_test[keep], y_test[keep]
     if cfg.train_size:
         keep = subset(y_clean, cfg.train_size, "train-size")  # the same images whatever the noise
         x, y, y_clean = x[keep], y[keep], y_clean[keep]
     mean, std = channel_stats(x)
-    data = {"x_train": x, "y_train": y, "y_clean": y_clean, "x_test": x_test, "y_test": y_test, "mean": mean,
-            "std": std}
+    data = {"x_train": x, "y_train": y, "y_clean": y_clean, "x_test": x_test, "y_test": y_test,
+            "x_val": x_val, "y_val": y_val, "mean": mean, "std": std}
     return {k: v.to(device) for k, v in data.items()}
 
 
@@ -1385,6 +1723,15 @@ def check_against_data(cfg: Config, data: dict):
     if cfg.batch_size > len(data["y_train"]):
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set "
                           f"({len(data['y_train'])}); lower it or raise --train-size")
+    child_on_cpu = cfg.embed_mode == "process" and (cfg.embed_gpu == "cpu" or cfg.embed_gpu == "same" and
+                                                    cfg.gpu == "cpu")
+    if cfg.sampler == "spladvise" and child_on_cpu and cfg.gpu != "cpu" and os.path.isdir("/dev/shm"):
+        need = sum(v.numel() * v.element_size() for v in data.values())
+        free = shutil.disk_usage("/dev/shm").free
+        if need > free:
+            raise ConfigError(f"--embed-gpu -1 puts the training set ({need / 2 ** 20:.0f} MB) in /dev/shm, "
+                              f"which has {free / 2 ** 20:.0f} MB free (Docker's default is 64 MB: "
+                              f"--shm-size); or run with --embed-mode inline")
 
 
 @dataclass
@@ -1396,38 +1743,53 @@ class LoopState:
     passes: int = 0
     done: Fraction = Fraction(0)  # share of the budget spent (exact: the budget ends on an update)
     curriculum_start: int | None = None  # the pass of the first selection, SPL iteration t = 0
-    lam0: float = 0.0  # λ_0, γ_0 of the absolute pace
-    gamma0: float = 0.0
     best_acc: float = 0.0
+    best_val_acc: float = -1.0
+    early_stopped_acc: float | None = None  # the test accuracy at the pass of the best validation accuracy
     wall_s: float = 0.0
     cpu_s: float = 0.0  # this process's CPU seconds
     embed_cpu_s: float = 0.0  # the embedding child's CPU seconds
-    embedding_done: str | None = None  # why no later pass needs a new index (the embedding then stops for good)
+    embedding_done: str | None = None  # why no later pass needs a new index (embedding then stops for good)
     scores: torch.Tensor | None = None  # InfoBatch: every sample's last training loss (N,)
 
 
+@dataclass
+class Pass:
+    """One pass's samples (Alg. 2 steps 5-13) and what the log says of their choice."""
+    idx: torch.Tensor  # (P,) the samples to train on
+    share: Fraction  # of the budget one update spends
+    weights: torch.Tensor | None = None  # InfoBatch: per-sample loss weights (N,)
+    last_index: str | None = None  # why no later pass needs a new index
+    clusters_used: int | None = None
+    t_score: float = 0.0
+    t_select: float = 0.0
+
+
 def start_student(cfg: Config, device: torch.device, cores: int):
-    """Seeds, data, the student, its optimiser and the loop's state; under --resume the last three and the RNGs
-    from OUT/ckpt.pt, loaded to the CPU and moved (a run saved on one device resumes on another), with
-    metrics.jsonl cut back to it. Writes OUT/config.json. -> data, net, opt, state, checkpoint (None if new)."""
+    """Alg. 2 step 1: seeds, data, the student, its optimiser, the selector and the loop's state; under
+    --resume the last four and the RNGs from OUT/ckpt.pt (loaded to the CPU, so a run saved on one device
+    resumes on another), with metrics.jsonl cut back to it. -> data, net, opt, selector, state, checkpoint
+    (None if new)."""
     seed_everything(cfg.seed, cfg.deterministic)
     torch.set_num_threads(cores)
     data = prepare_data(cfg, device)
     check_against_data(cfg, data)
     n = len(data["y_train"])
-    net = build_net(cfg.student, tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1, cfg.dropout,
-                    device)
+    net = build_net(cfg.student, tuple(data["x_train"].shape[1:]), int(data["y_train"].max()) + 1,
+                    cfg.dropout, device)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                           weight_decay=cfg.weight_decay)
+    selector = SPLDSelector(cfg.f0, cfg.beta1, cfg.beta2, cfg.rho0, cfg.f_max, cfg.pace)
     per_epoch = math.ceil(n / cfg.batch_size)
-    budget = cfg.updates or math.ceil(cfg.epochs * per_epoch)  # DEVIATION: counted in updates (Fig. 3's x-axis)
+    # DEVIATION: counted in updates (Fig. 3's x-axis)
+    budget = cfg.updates or math.ceil(cfg.epochs * per_epoch)
     st = LoopState(budget, Fraction(budget, per_epoch),
                    scores=torch.zeros(n, device=device) if cfg.sampler == "infobatch" else None)
-    ckpt_path, ckpt = os.path.join(cfg.run_dir, "ckpt.pt"), None
-    if cfg.resume:
-        ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    ckpt = load_cpu(os.path.join(cfg.run_dir, "ckpt.pt")) if cfg.resume else None
+    if ckpt:
         net.load_state_dict(ckpt["student"])
         opt.load_state_dict(ckpt["opt"])  # its state follows the parameters' device
+        selector.load_state_dict(ckpt["selector"])
         set_rng_states(ckpt["rng"], device)
         saved = ckpt["state"]
         st = LoopState(**{**saved, "scores": None if saved["scores"] is None else saved["scores"].to(device)})
@@ -1438,259 +1800,278 @@ def start_student(cfg: Config, device: torch.device, cores: int):
     os.makedirs(cfg.run_dir, exist_ok=True)
     with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
-    print(f"[student] device={device} n_train={n} n_test={len(data['y_test'])} budget={st.budget} updates "
-          f"({float(st.epochs):.2f} epochs) student={cfg.student} sampler={cfg.sampler}", flush=True)
-    return data, net, opt, st, ckpt
+    print(f"[student] device={device} n_train={n} n_test={len(data['y_test'])} n_val={len(data['y_val'])} "
+          f"budget={st.budget} updates ({float(st.epochs):.2f} epochs) student={cfg.student} "
+          f"sampler={cfg.sampler}", flush=True)
+    return data, net, opt, selector, st, ckpt
 
 
-def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, cores: int, handle: dict | None):
-    """Alg. 2 step 2: the embedding trainer in parallel (the child `handle`, spawned before the data loaded: a new
-    run's; a resumed one spawns it here, if its embedding is not done) or inline (its state in this process); SPLD's
-    fixed pixel clusters; nothing for the other samplers. -> (child handle, inline state, index), None where not
-    used."""
+def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, cores: int, child):
+    """Alg. 2 step 2: the embedding trainer in parallel (the child, spawned before the data loaded: a new
+    run's; a resumed one spawns it here, if its embedding is not done) or inline; SPLD's fixed pixel clusters;
+    nothing for the other samplers. -> (the embedding, or None; the index to start from)"""
     index = ckpt["index"] if ckpt else None
     if cfg.sampler == "spld" and index is None:  # fixed once, never refreshed
         index = {"assign": fixed_pixel_clusters(data, cfg.k, cfg.kmeans_iters, cfg.seed), "version": 0,
                  "iteration": 0, **dict.fromkeys(QUALITY)}
     if cfg.sampler != "spladvise" or st.embedding_done:
-        return None, None, index
+        return None, index
     if cfg.embed_mode == "inline":
-        estate = new_embedding_state(cfg, data, ckpt["embedding"] if ckpt else None)
-        estate["schedule"] = embedding_schedule(estate, data, cfg)
-        first = next(estate["schedule"])  # always drawn: the sampler draws from it
-        return None, estate, index or first
-    state_path = os.path.join(cfg.run_dir, "embed_state.pt")
-    if ckpt and ckpt["embedding"] is not None and not os.path.exists(state_path):
-        save_atomic(ckpt["embedding"], state_path)
+        embedding = InlineEmbedding(cfg, data, ckpt["embedding"] if ckpt else None)
+        return embedding, index or embedding.first
     embed_device = torch.device(cfg.gpu if cfg.embed_gpu == "same" else cfg.embed_gpu)
-    # on the CPU the two processes split the cores (the two processes' threads <= cores); on a GPU the child needs
-    # two CPU threads
+    # on the CPU the two processes split the cores; a child on a GPU needs two CPU threads
     child_threads = max(1, cores - cores // 2) if embed_device.type == "cpu" else min(2, cores)
     if embed_device.type == "cpu" and data["x_train"].device.type == "cpu":
         torch.set_num_threads(max(1, cores // 2))
-    handle = handle or spawn_embedding_process(cfg)
-    send_embedding_work(handle, {k: v.to(embed_device) for k, v in data.items()}, cfg, state_path, child_threads)
-    if cfg.embed_share < 1:  # once the child trains at --embed-share, the student takes every core
-        handle["cores"], handle["warmup"] = cores, cfg.warmup_iterations(len(data["y_train"]))
+    child = child or EmbeddingProcess(cfg)
+    child.start({k: v.to(embed_device) for k, v in data.items()}, child_threads,
+                cfg.warmup_iterations(len(data["y_train"])), cores if cfg.embed_share < 1 else None)
     print(f"[embedding] device={embed_device} threads={child_threads}", flush=True)
-    return handle, None, index
+    return child, index
 
 
-def newest_index(st: LoopState, handle, estate, index, warmup: int):
-    """Alg. 2 step 2 before a pass: the child's newest index from after its warm-up (read, never waited for), or
-    inline the embedding's next stretch of training."""
-    if handle is not None:
-        return latest_index(handle, warmup, index)
-    if estate is not None and st.passes > 0 and not st.embedding_done:  # to the warm-up's end, or one refresh on
-        return next((new for new in estate["schedule"] if new["iteration"] >= warmup), index)
-    return index
+def choose_samples(cfg: Config, st: LoopState, selector: SPLDSelector, net, data: dict,
+                   index: dict | None) -> Pass:
+    """Alg. 2 steps 5-13 and 16 for any sampler: this pass's samples. The first pass, and every pass until the
+    curriculum's clusters exist (SPL-ADVisE: an index from after the embedding's warm-up), takes every sample.
+    """
+    n, device = len(data["y_train"]), data["y_train"].device
+    every = Pass(torch.arange(n, device=device), 1 / Fraction(st.budget))
+    if cfg.sampler == "infobatch":  # random's epochs, each pass an epoch of the kept samples
+        kept, weights = infobatch_select(st.scores, cfg.prune_ratio, float(st.done), cfg.anneal)
+        idx = kept.nonzero().flatten()
+        return Pass(idx, 1 / (st.epochs * math.ceil(len(idx) / cfg.batch_size)), weights)
+    if cfg.sampler in ("spl", "random-pace"):
+        groups = torch.zeros_like(data["y_train"])  # one group
+    elif cfg.sampler == "spld" or (cfg.sampler == "spladvise" and index
+                                   and index["iteration"] >= cfg.warmup_iterations(n)):
+        groups = index["assign"].to(device)  # SPLD's fixed pixel clusters, or the embedding's clusters
+    else:
+        return every  # random, small-loss, or SPL-ADVisE before its warm-up's index
+    if cfg.sampler == "spladvise" and cfg.refresh < 0:
+        every.last_index = "the index is frozen"
+    if st.passes == 0:
+        return every
+    # UNSPECIFIED: the curriculum starts when its clusters exist, and t counts its passes from there: a late
+    # start shifts the pace, not its shape
+    if st.curriculum_start is None:
+        st.curriculum_start = st.passes
+        print(f"[student] curriculum starts at pass {st.passes + 1} (update {st.updates})", flush=True)
+    sizes = torch.bincount(groups).cpu()  # (G,)
+    if selector.keeps_all(sizes):  # Alg. 2 step 16: this pass and every later one keep every sample
+        return dataclasses.replace(every, last_index="the pace keeps every sample from here on")
+    last = ("the pace keeps every sample after this pass" if selector.keeps_all(sizes, ahead=1)
+            else every.last_index)
+    if cfg.sampler == "random-pace":  # the control of Wu et al. (ICLR 2021): f_t of the samples, uniformly
+        f = pace_fraction(selector.t, cfg.f0, cfg.beta1, selector.f_max)
+        selector.t += 1
+        return Pass(torch.randperm(n, device=device)[:round(min(f, 1) * n)], every.share, last_index=last)
+    t0 = time.time()
+    losses = training_losses(net, data, cfg.score_batch)  # (N,) Alg. 2 steps 5-6
+    sync(device)
+    t1 = time.time()
+    mask = selector.select(losses, None if cfg.sampler == "spl" else groups)  # (N,) Alg. 2 steps 7-13, 16
+    return Pass(mask.nonzero().flatten(), every.share, None, last, int(torch.unique(groups[mask]).numel()),
+                t1 - t0, time.time() - t1)
 
 
-def retire_embedding(handle: dict | None, st: LoopState, cores: int, why: str) -> None:
-    """Stop the embedding for good once no later pass needs a new index (the child, or inline mode's training),
-    and give the child's cores to the student."""
-    st.embedding_done = why
-    if handle is not None:
-        st.embed_cpu_s += stop_embedding_process(handle)
-        torch.set_num_threads(cores)
-    print(f"[embedding] stopped before pass {st.passes + 1} (update {st.updates}): {why}"
-          + (f"; the student now uses {cores} threads" if handle is not None else ""), flush=True)
-
-
-def save_checkpoint(cfg: Config, net, opt, st: LoopState, index, estate, handle, device):
-    """One atomic file holding everything --resume needs (STYLE §8); the child's state comes from its own file,
-    loaded to the CPU, and its CPU seconds from its last publish."""
-    state_path = os.path.join(cfg.run_dir, "embed_state.pt")
-    embedding = (embedding_state_dict(estate) if estate is not None else torch.load(
-        state_path, weights_only=False, map_location="cpu") if os.path.exists(state_path) else None)
-    child_cpu_s = handle["shared"]["status"][-1].item() if handle is not None else 0.0
-    save_atomic({"config": dataclasses.asdict(cfg), "student": net.state_dict(), "opt": opt.state_dict(),
-                 "state": {**dataclasses.asdict(st), "embed_cpu_s": st.embed_cpu_s + child_cpu_s},
-                 "rng": rng_states(device), "embedding": embedding, "index": index},
-                os.path.join(cfg.run_dir, "ckpt.pt"))
-
-
-LOG_FIELDS = ("pass", "updates", "epoch", "train_loss", "test_acc", "selected_frac", "label_precision",
-              "clusters_used", "embed_version", "embed_acc", "embed_recall1", "wall_s", "t_train", "t_score",
-              "t_embed", "t_embed_train")
-
-
-def log_pass(path: str, record: dict):
-    """One metrics.jsonl line (fsynced) and one log line per pass."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    show = lambda v: (f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}") if isinstance(v, float) else v  # never 1e+04
-    print("[student] " + " ".join(f"{k}={show(record[k])}" for k in LOG_FIELDS), flush=True)
+def fill_batches(idx: torch.Tensor, batch: int) -> torch.Tensor:
+    """idx (P,) padded with its own first samples to whole batches, so that every mini-batch has one size
+    (cuDNN's autotuner keys its choice on the shape: a new last batch each pass would re-tune every
+    convolution)."""
+    pad = -len(idx) % batch
+    return torch.cat([idx, idx[torch.arange(pad, device=idx.device) % len(idx)]]) if len(idx) else idx
 
 
 def lr_at(cfg: Config, done: Fraction) -> float:
     """The step schedule: lr × lr_decay at each milestone (a fraction of the budget) passed."""
-    return cfg.lr * cfg.lr_decay ** sum(done >= Fraction(str(m)) for m in cfg.milestone_fractions)  # exact: 0.8 is 4/5
-
-
-def choose_pass(cfg: Config, st: LoopState, net, data: dict, index: dict | None, warmup: int) -> dict:
-    """Alg. 2 steps 5-13 for any sampler -> this pass's {idx (P,), weights (N,) or None, share (of the budget one
-    update spends), lam, gamma, clusters_used, t_score, t_select, index_done (why no later pass needs a new index,
-    or None)}."""
-    n, device = len(data["y_train"]), data["y_train"].device
-    chosen = {"idx": torch.arange(n, device=device), "weights": None, "share": 1 / Fraction(st.budget), "lam": None,
-              "gamma": None, "clusters_used": None, "t_score": 0.0, "t_select": 0.0,
-              "index_done": "the index is frozen" if cfg.refresh < 0 and index and index["iteration"] >= warmup
-              else None}
-    if cfg.sampler == "infobatch":  # NOTES §9: random's epochs, each pass an epoch of the kept samples
-        kept, chosen["weights"] = infobatch_select(st.scores, cfg.prune_ratio, float(st.done), cfg.anneal)
-        chosen["idx"] = kept.nonzero().flatten()
-        return {**chosen, "share": 1 / (st.epochs * math.ceil(len(chosen["idx"]) / cfg.batch_size))}
-    groups = None  # Eq. 2's groups (N,): none for random, nor for SPL-ADVisE until an index from after its warm-up
-    if cfg.sampler in ("spl", "random-pace"):  # one group
-        groups = torch.zeros_like(data["y_train"])
-    elif cfg.sampler == "spld" or (cfg.sampler == "spladvise" and index and index["iteration"] >= warmup):
-        groups = index["assign"].to(device)  # SPLD's fixed pixel clusters, or the embedding's clusters
-    if st.passes == 0 or groups is None:  # the first pass, and every pass until the warm-up's index: all samples
-        return chosen
-    if st.curriculum_start is None:  # UNSPECIFIED: the curriculum starts when its clusters exist (issue 17), so
-        st.curriculum_start = st.passes  # t counts its passes: a late start shifts the schedule, not its shape
-        print(f"[student] curriculum starts at pass {st.passes + 1} (update {st.updates})", flush=True)
-    t, sizes = st.passes - st.curriculum_start, torch.bincount(groups).cpu()  # SPL iteration, (G,)
-    keeps_all = lambda u: pace_keeps_all(u, "quantile" if cfg.sampler == "random-pace" else cfg.pace, cfg.f0,
-                                         cfg.beta1, sizes, cfg.f_max)  # Alg. 2 step 16: every sample from u on
-    if keeps_all(t):
-        return {**chosen, "index_done": "the pace keeps every sample from here on"}
-    if keeps_all(t + 1):  # this pass selects last: an index published while it trains would never be used
-        chosen["index_done"] = "the pace keeps every sample after this pass"
-    if cfg.sampler == "random-pace":  # the control of Wu et al. (NOTES §10): f_t of the samples, uniformly
-        f = pace_fraction(t, cfg.f0, cfg.beta1, cfg.f_max)
-        return {**chosen, "idx": torch.randperm(n, device=device)[:round(min(f, 1) * n)]}
-    t0 = time.time()  # Alg. 2 steps 5-6 in float32 whatever --amp: bf16 logits tie, and ties shift Eq. 2's ranks
-    losses = F.cross_entropy(forward_all(net, data["x_train"], data["mean"], data["std"], cfg.score_batch),
-                             data["y_train"], reduction="none")  # (N,)
-    sync(device)
-    t1 = time.time()
-    rho0 = 0.0 if cfg.sampler == "spl" else cfg.rho0  # SPL: γ = 0, one group (NOTES §4)
-    if t == 0:
-        st.lam0, st.gamma0 = spld_pace(losses, 0, "quantile", cfg.f0, rho0, 0, 0, f_max=cfg.f_max)
-    lam, gamma = spld_pace(losses, t, cfg.pace, cfg.f0, rho0, cfg.beta1, cfg.beta2, st.lam0, st.gamma0, groups,
-                           cfg.f_max)  # Alg. 2 step 16
-    mask = spld_select(losses, groups, lam, gamma)  # (N,) Alg. 2 steps 7-13, Eq. 2
-    return {**chosen, "idx": mask.nonzero().flatten(), "clusters_used": int(torch.unique(groups[mask]).numel()),
-            "lam": lam if isinstance(lam, float) else lam[lam < math.inf].mean().item(), "gamma": gamma,
-            "t_score": t1 - t0, "t_select": time.time() - t1}
-
-
-def should_stop(cfg: Config, st: LoopState, t_start: float, handle: dict | None, stop_requested) -> bool:
-    """Signals, the --max-minutes budget, and (every 0.5 s) the embedding child: a dead child is kept in
-    handle["failure"], raised once the pass has been checkpointed; once it has published its warm-up's index (it
-    then trains at --embed-share), the student takes every core, mid-pass."""
-    if handle is not None and handle["failure"] is None and time.time() - handle["checked"] > 0.5:
-        handle["checked"] = time.time()
-        try:
-            check_embedding_process(handle)
-        except EmbeddingFailed as e:
-            handle["failure"] = e
-        version, iteration = handle["shared"]["status"][:2].tolist()
-        if handle["cores"] and version >= 1 and iteration >= handle["warmup"]:
-            torch.set_num_threads(handle["cores"])  # also after a resume: its child publishes at once
-            print(f"[embedding] warm-up index out (iteration {iteration:.0f}); the student now uses "
-                  f"{handle['cores']} threads", flush=True)
-            handle["cores"] = None
-    timed_out = cfg.max_minutes and st.wall_s + time.time() - t_start > 60 * cfg.max_minutes
-    return bool(stop_requested() or timed_out or (handle is not None and handle["failure"]))
+    return cfg.lr * cfg.lr_decay ** sum(done >= Fraction(str(m))  # 0.8 is 4/5
+                                        for m in cfg.milestone_fractions)
 
 
 def train(cfg: Config, stop_requested=lambda: False) -> dict:
     """One run of Alg. 2 (or a baseline sampler) -> summary. Writes OUT/{config.json, metrics.jsonl,
-    summary.json, ckpt.pt}; `stop_requested()` (signals) ends it cleanly after checkpointing."""
+    summary.json, ckpt.pt}; a signal (`stop_requested()`), --max-minutes or a dead embedding child ends it
+    mid-pass, after checkpointing what it trained."""
     t_start, cpu_start, device = time.time(), time.process_time(), torch.device(cfg.gpu)
     cores = len(os.sched_getaffinity(0))
-    handle = (spawn_embedding_process(cfg) if cfg.sampler == "spladvise" and cfg.embed_mode == "process"
-              and not cfg.resume else None)  # Alg. 2 step 2: Alg. 1 in parallel, started first
+    print(f"[command] {command_line(cfg)}", flush=True)
+    spawn = cfg.sampler == "spladvise" and cfg.embed_mode == "process" and not cfg.resume
+    embedding = EmbeddingProcess(cfg) if spawn else None  # Alg. 2 step 2: Alg. 1 in parallel, started first
     try:
-        data, net, opt, st, ckpt = start_student(cfg, device, cores)  # under --resume, from OUT/ckpt.pt
-        handle, estate, index = start_embedding(cfg, data, ckpt, st, cores, handle)
-        forward, aug, warmup = torch.compile(net) if cfg.compile else net, parse_augment(cfg.augment), \
-            cfg.warmup_iterations(len(data["y_train"]))
-        stop = lambda: should_stop(cfg, st, t_start, handle, stop_requested)
-        while st.done < 1 and not stop():
+        data, net, opt, selector, st, ckpt = start_student(cfg, device, cores)  # Alg. 2 step 1
+        embedding, index = start_embedding(cfg, data, ckpt, st, cores, embedding)
+        aug, amp = parse_augment(cfg.augment), bf16_enabled(cfg.amp, device, "student")
+        forward = torch.compile(net) if cfg.compile else net
+        stopped = None  # why the loop ends early: a dead child, a signal, the time budget
+        while st.done < 1 and not stopped:
             t0 = time.time()
-            # Alg. 2 step 2: the newest clusters from after the embedding's warm-up, never waited for (inline
-            # mode trains the embedding here instead: work, not waiting)
-            index = newest_index(st, handle, estate, index, warmup)
+            # Alg. 2 step 2: the newest clusters, never waited for
+            if embedding is not None and st.passes > 0:
+                index = embedding.newest(index)  # (inline mode trains the embedding to its next index here)
             t_embed = time.time() - t0
-            # Alg. 2 steps 5-13, 16: this pass's samples and weights (Eq. 2 for the curricula)
-            chosen = choose_pass(cfg, st, net, data, index, warmup)
-            if cfg.sampler == "spladvise" and chosen["index_done"] and not st.embedding_done:
-                retire_embedding(handle, st, cores, chosen["index_done"])
-                handle = None
-            # Alg. 2 steps 3-4: one shuffled pass of mini-batch SGD over them; lr by the budget spent
-            idx, share = chosen["idx"][torch.randperm(len(chosen["idx"]), device=device)], chosen["share"]
-            n_updates = min(math.ceil((1 - st.done) / share), math.ceil(len(idx) / cfg.batch_size))
-            t2 = time.time()
-            done, train_loss = student_pass(forward, opt, idx, [lr_at(cfg, st.done + u * share) for u in range(
-                n_updates)], data, aug, cfg.batch_size, cfg.amp == "on", stop, st.updates, chosen["weights"],
-                st.scores)
-            if done == 0:
-                if len(idx) == 0:
-                    print(f"[student] pass {st.passes + 1} selected no sample; stopping", flush=True)
+            chosen = choose_samples(cfg, st, selector, net, data, index)  # Alg. 2 steps 5-13, 16
+            if chosen.last_index and embedding is not None:  # an index published from now on would go unused
+                st.embed_cpu_s += embedding.stop()
+                embedding, st.embedding_done = None, chosen.last_index
+                torch.set_num_threads(cores)
+                print(f"[embedding] stopped before pass {st.passes + 1} (update {st.updates}): "
+                      f"{chosen.last_index}", flush=True)
+            if len(chosen.idx) == 0:
+                print(f"[student] pass {st.passes + 1} selected no sample; stopping", flush=True)
                 break
+            # Alg. 2 steps 3-4: one shuffled pass of mini-batch SGD over them, the lr set by the budget spent
+            idx = fill_batches(chosen.idx[torch.randperm(len(chosen.idx), device=device)], cfg.batch_size)
+            n_updates = min(math.ceil((1 - st.done) / chosen.share), len(idx) // cfg.batch_size)
+            keep_rate = 1.0
+            if cfg.sampler == "small-loss":  # Co-teaching's R(T) with one network
+                keep_rate = small_loss_rate(float(st.done * st.epochs), 1 - cfg.f_max, cfg.ramp_epochs)
+            t1, losses = time.time(), []
+            for u in range(n_updates):
+                stopped = why_stop(cfg, st, t_start, embedding, stop_requested)
+                if stopped:
+                    break
+                if embedding is not None and embedding.hand_over_cores():
+                    torch.set_num_threads(cores)
+                batch = idx[u * cfg.batch_size:(u + 1) * cfg.batch_size]  # (B,)
+                x = to_input(data["x_train"][batch], data["mean"], data["std"], aug)  # (B, C, H, W) float32
+                weights = chosen.weights[batch] if chosen.weights is not None else None
+                lr = lr_at(cfg, st.done + u * chosen.share)
+                per_sample = student_step(forward, opt, x, data["y_train"][batch], lr, amp, weights,
+                                          keep_rate)
+                if st.scores is not None:
+                    st.scores[batch] = per_sample  # InfoBatch's score: no extra forward pass
+                losses.append(per_sample.mean())
+            if not losses:
+                break
+            train_loss = mean_finite(losses, st.updates)
             sync(device)
-            t_train = time.time() - t2
-            st.updates, st.passes, st.done = st.updates + done, st.passes + 1, st.done + done * share
-            # evaluate on the test set, log, checkpoint
-            test_acc = (forward_all(net, data["x_test"], data["mean"], data["std"], cfg.score_batch, cfg.amp == "on")
-                        .argmax(1) == data["y_test"]).float().mean().item()
-            st.best_acc, st.wall_s, st.cpu_s = max(st.best_acc, test_acc), st.wall_s + time.time() - t_start, \
-                st.cpu_s + time.process_time() - cpu_start
+            t_train = time.time() - t1
+            st.updates, st.passes = st.updates + len(losses), st.passes + 1
+            st.done += len(losses) * chosen.share
+            # evaluate, log, checkpoint
+            record = evaluate(cfg, st, net, data, amp)
+            st.wall_s += time.time() - t_start
+            st.cpu_s += time.process_time() - cpu_start
             t_start, cpu_start = time.time(), time.process_time()
-            log_pass(os.path.join(cfg.run_dir, "metrics.jsonl"), pass_record(
-                cfg, st, chosen, index, data, train_loss=train_loss, test_acc=test_acc,
-                t_train=t_train, **{"t_embed" if estate is None else "t_embed_train": t_embed}))
-            save_checkpoint(cfg, net, opt, st, index, estate, handle, device)
+            record |= pass_record(cfg, st, selector, chosen, index, data, train_loss, t_train, t_embed)
+            log_pass(os.path.join(cfg.run_dir, "metrics.jsonl"), record)
+            save_checkpoint(cfg, net, opt, selector, st, index, embedding, device)
+            stopped = stopped or why_stop(cfg, st, t_start, embedding, stop_requested)
     finally:
-        child_cpu_s = stop_embedding_process(handle) if handle is not None else 0.0
+        child_cpu_s = embedding.stop() if embedding is not None else 0.0
     st.embed_cpu_s += child_cpu_s
-    if handle is not None and handle["failure"]:
-        raise handle["failure"]
-    return write_summary(cfg, st, device)
+    if isinstance(stopped, EmbeddingFailed):
+        raise stopped
+    return write_summary(cfg, st, selector, device)
 
 
-def pass_record(cfg: Config, st: LoopState, chosen: dict, index: dict | None, data: dict, **measured) -> dict:
-    """The metrics.jsonl line of a pass: what it trained on (label_precision: the share of its samples whose label
-    is right, Co-teaching's measure), the index it selected with, its accuracy and its time per phase."""
-    idx, n = chosen["idx"], len(data["y_train"])
-    return {"updates": st.updates, "epoch": round(float(st.done * st.epochs), 4), "pass": st.passes,
+def why_stop(cfg: Config, st: LoopState, t_start: float, embedding, stop_requested):
+    """Before each update: the embedding child's death (an EmbeddingFailed), a signal, or --max-minutes spent
+    (never during the first pass, so that every run leaves a checkpoint); None to go on."""
+    if embedding is not None and embedding.failure():
+        return embedding.failure()
+    if stop_requested():
+        return "signal"
+    if cfg.max_minutes and st.passes > 0 and st.wall_s + time.time() - t_start > 60 * cfg.max_minutes:
+        return "max-minutes"
+    return None
+
+
+def mean_finite(losses: list, first_update: int) -> float:
+    """The pass's mean training loss from its per-update losses (one device sync per pass), or NonFiniteLoss.
+    """
+    losses = torch.stack(losses)  # (U,)
+    if not torch.isfinite(losses).all():
+        bad = first_update + int((~torch.isfinite(losses)).nonzero()[0]) + 1
+        raise NonFiniteLoss(f"non-finite loss in the student network at update {bad}")
+    return losses.mean().item()
+
+
+def evaluate(cfg: Config, st: LoopState, net, data: dict, amp: bool) -> dict:
+    """Test accuracy, and with --val-size the validation accuracy; early stopping's test accuracy is the one
+    at the pass of the best validation accuracy so far."""
+    test_acc = accuracy(net, data["x_test"], data["y_test"], data["mean"], data["std"], cfg.score_batch, amp)
+    st.best_acc = max(st.best_acc, test_acc)
+    val_acc = None
+    if len(data["y_val"]):
+        val_acc = accuracy(net, data["x_val"], data["y_val"], data["mean"], data["std"], cfg.score_batch, amp)
+        if val_acc > st.best_val_acc:
+            st.best_val_acc, st.early_stopped_acc = val_acc, test_acc
+    return {"test_acc": test_acc, "val_acc": val_acc}
+
+
+def pass_record(cfg: Config, st: LoopState, selector: SPLDSelector, chosen: Pass, index: dict | None,
+                data: dict, train_loss: float, t_train: float, t_embed: float) -> dict:
+    """The metrics.jsonl line of a pass: what it trained on (label_precision: the share of its samples whose
+    label is right, Co-teaching's measure), the index it selected with, and its time per phase."""
+    idx, n = chosen.idx, len(data["y_train"])
+    inline = cfg.embed_mode == "inline"
+    return {"pass": st.passes, "updates": st.updates, "epoch": round(float(st.done * st.epochs), 4),
             "t": None if st.curriculum_start is None else st.passes - 1 - st.curriculum_start,
-            "selected_frac": len(idx) / n,
+            "train_loss": train_loss, "selected_frac": len(idx) / n,
             "label_precision": (data["y_train"][idx] == data["y_clean"][idx]).float().mean().item(),
-            **{k: chosen[k] for k in ("clusters_used", "lam", "gamma")},
-            **{key: (index or {}).get(k) for key, k in (("embed_version", "version"), ("embed_iter", "iteration"),
-                                                        *((q, q) for q in QUALITY))},
-            "lr": lr_at(cfg, st.done), "wall_s": st.wall_s,
-            "t_score": chosen["t_score"], "t_select": chosen["t_select"], "t_embed": 0.0, "t_embed_train": 0.0,
-            **measured}
+            "clusters_used": chosen.clusters_used, "lam": selector.lam, "gamma": selector.gamma,
+            "clean_share_estimate": selector.clean_share_estimate,
+            "embed_version": (index or {}).get("version"), "embed_iter": (index or {}).get("iteration"),
+            **{q: (index or {}).get(q) for q in QUALITY}, "lr": lr_at(cfg, st.done), "wall_s": st.wall_s,
+            "t_train": t_train, "t_score": chosen.t_score, "t_select": chosen.t_select,
+            "t_embed": 0.0 if inline else t_embed, "t_embed_train": t_embed if inline else 0.0}
 
 
-def write_summary(cfg: Config, st: LoopState, device: torch.device) -> dict:
+# the console's
+SHOWN = ("pass", "updates", "train_loss", "test_acc", "selected_frac", "embed_version", "wall_s")
+
+
+def log_pass(path: str, record: dict):
+    """One metrics.jsonl line (fsynced) with every field, and one console line with the fields a person
+    watches."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    # never 1e+04
+    show = lambda v: (f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}") if isinstance(v, float) else v
+    print("[student] " + " ".join(f"{k}={show(record[k])}" for k in SHOWN), flush=True)
+
+
+def save_checkpoint(cfg: Config, net, opt, selector: SPLDSelector, st: LoopState, index, embedding, device):
+    """One atomic file holding everything --resume needs; the child keeps its own state in OUT/embed_state.pt,
+    inline mode's embedding is saved here."""
+    inline = embedding.trainer.state_dict() if isinstance(embedding, InlineEmbedding) else None
+    child_cpu_s = embedding.shared["status"][-1].item() if isinstance(embedding, EmbeddingProcess) else 0.0
+    save_atomic({"config": dataclasses.asdict(cfg), "student": net.state_dict(), "opt": opt.state_dict(),
+                 "selector": selector.state_dict(), "rng": rng_states(device),
+                 "embedding": inline, "index": index,
+                 "state": {**dataclasses.asdict(st), "embed_cpu_s": st.embed_cpu_s + child_cpu_s}},
+                os.path.join(cfg.run_dir, "ckpt.pt"))
+
+
+def write_summary(cfg: Config, st: LoopState, selector: SPLDSelector, device: torch.device) -> dict:
     records = read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl"))
     summary = {"final_acc": records[-1]["test_acc"] if records else None, "best_acc": st.best_acc,
+               "early_stopped_acc": st.early_stopped_acc,
+               "clean_share_estimate": selector.clean_share_estimate,
                "updates": st.updates, "budget": st.budget, "complete": st.done >= 1, "wall_s": st.wall_s,
                "cpu_s": st.cpu_s, "embed_cpu_s": st.embed_cpu_s, "curriculum_start": st.curriculum_start,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"cpu ({len(os.sched_getaffinity(0))} cores)", "torch": torch.__version__, "sampler": cfg.sampler,
-               "seed": cfg.seed, "evaluated_on": "validation" if cfg.val_size else "test"}
-    if cfg.sampler not in ("random", "infobatch") and st.curriculum_start is None:
-        summary["note"] = "no selection ran (the embedding's warm-up never arrived): this run is random sampling"
+               f"cpu ({len(os.sched_getaffinity(0))} cores)",
+               "torch": torch.__version__, "sampler": cfg.sampler,
+               "seed": cfg.seed, "checkpoint": os.path.exists(os.path.join(cfg.run_dir, "ckpt.pt"))}
+    if cfg.sampler in ("spl", "spld", "spladvise", "random-pace") and st.curriculum_start is None:
+        summary["note"] = ("no selection ran (the embedding's warm-up never arrived): "
+                           "this run is random sampling")
         print(f"[student] {summary['note']}", flush=True)
     with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
-# ---- 12. runs, seeds and benchmark -----------------------------------------------------------------------
+# ---- 13. runs, seeds and benchmark -------------------------------------------------------------------------
 def mean_std(values: list[float]) -> dict:
     """Mean and sample standard deviation (ddof = 1; 0 for a single run)."""
-    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)  # NaN: not measured in that run
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
     if len(v) == 0:
         return {"mean": math.nan, "std": math.nan, "n": 0}
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
@@ -1700,16 +2081,19 @@ PHASES = ("t_train", "t_score", "t_select", "t_embed", "t_embed_train")
 
 
 def run_stats(run_dir: str) -> dict:
-    """One finished run's numbers for the tables: accuracy, seconds per 1,000 updates (whole and per phase), the
-    embedding child's CPU time against the student's, where its curriculum started, the label precision of its
-    curriculum passes (all passes where it has none) and the quality of the indexes it selected with."""
+    """One finished run's numbers for the tables: accuracy (final, best, early-stopped), seconds per 1,000
+    updates (whole and per phase), the embedding child's CPU time against the student's, where its curriculum
+    started, the label precision of its curriculum passes (all passes where it has none), the estimated clean
+    share and the quality of the indexes it selected with."""
     s = json.load(open(os.path.join(run_dir, "summary.json")))
     m = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     curriculum = [r for r in m if r.get("t") is not None] or m
     used = [r for r in m if r["selected_frac"] < 1 and r.get("embed_acc") is not None]
     start = s.get("curriculum_start")
-    return {"final_acc": s["final_acc"], "best_acc": s["best_acc"], "updates": s["updates"], "wall_s": s["wall_s"],
-            "s_per_1k": 1000 * s["wall_s"] / s["updates"],
+    return {"final_acc": s["final_acc"], "best_acc": s["best_acc"],
+            "early_stopped_acc": s.get("early_stopped_acc"),
+            "clean_share_estimate": s.get("clean_share_estimate"), "updates": s["updates"],
+            "wall_s": s["wall_s"], "s_per_1k": 1000 * s["wall_s"] / s["updates"],
             **{k: 1000 * sum(r.get(k, 0.0) for r in m) / s["updates"] for k in PHASES},
             "embed_cpu_share": s.get("embed_cpu_s", 0.0) / s["cpu_s"] if s.get("cpu_s") else 0.0,
             "curriculum_update": m[start - 1]["updates"] if start else math.nan,
@@ -1718,14 +2102,19 @@ def run_stats(run_dir: str) -> dict:
             "metrics": m}
 
 
+NUMBERS = ("final_acc", "best_acc", "early_stopped_acc", "clean_share_estimate", "updates", "wall_s",
+           "s_per_1k", *PHASES, "embed_cpu_share", "curriculum_update", "label_precision")
+
+
 def aggregate_runs(run_dirs: list[str], n_points: int = 20) -> dict:
     """Mean ± std over seeds of every run_stats number, and the mean test-accuracy curve (paper Fig. 3)."""
     runs = [run_stats(d) for d in run_dirs]
     budget = json.load(open(os.path.join(run_dirs[0], "summary.json")))["budget"]
     grid = sorted({max(1, round(budget * i / n_points)) for i in range(1, n_points + 1)})
-    at = np.array([np.interp(grid, [m["updates"] for m in r["metrics"]], [m["test_acc"] for m in r["metrics"]],
-                             left=np.nan, right=np.nan) for r in runs])  # (runs, points), NaN where none was measured
-    result = {key: mean_std([r[key] for r in runs]) for key, v in runs[0].items() if isinstance(v, (int, float))}
+    at = np.array([np.interp(grid, [m["updates"] for m in r["metrics"]],
+                             [m["test_acc"] for m in r["metrics"]], left=np.nan, right=np.nan)
+                   for r in runs])  # (runs, points), NaN where none was measured
+    result = {key: mean_std([r[key] for r in runs]) for key in NUMBERS}
     result.update({key: sum((r[key] for r in runs), []) for key in ("used_acc", "used_recall1")})
     result.update(runs=run_dirs, metrics=[r["metrics"] for r in runs], curve={
         "updates": grid, "test_acc_mean": at.mean(0).tolist(),
@@ -1734,8 +2123,8 @@ def aggregate_runs(run_dirs: list[str], n_points: int = 20) -> dict:
 
 
 def config_changes(saved: dict, cfg: Config) -> list[str]:
-    """How cfg differs from a saved config, RUNTIME_FIELDS aside; a field the saved one lacks (added since) counts
-    as its default."""
+    """How cfg differs from a saved config, RUNTIME_FIELDS aside; a field the saved one lacks (added since)
+    counts as its default."""
     saved = {**{f.name: f.default for f in dataclasses.fields(Config)}, **saved}
     return [f"{k}: {saved[k]!r} there, {v!r} here" for k, v in dataclasses.asdict(cfg).items()
             if k not in RUNTIME_FIELDS and saved[k] != v]
@@ -1756,105 +2145,148 @@ def report(summary: dict, cfg: Config, stop_requested, again: str) -> bool:
         print(f"[runs] done: final_acc={summary['final_acc']:.4f} best_acc={summary['best_acc']:.4f} "
               f"updates={summary['updates']} wall={summary['wall_s']:.1f}s -> {cfg.run_dir}", flush=True)
     elif not stop_requested():
-        print(f"[runs] {cfg.run_dir} ended at update {summary['updates']} of {summary['budget']}; continue it with "
-              f"{again}", flush=True)
+        how = (f"continue it with {again}" if summary["checkpoint"]
+               else "it left no checkpoint: start it again")
+        print(f"[runs] {cfg.run_dir} ended at update {summary['updates']} of {summary['budget']}; {how}",
+              flush=True)
     return summary["complete"]
 
 
 def run_seeds(cfg: Config, stop_requested=lambda: False) -> dict | None:
-    """--runs N (and each benchmark row): seeds seed .. seed+N-1 in turn, each under OUT/seed-S, reusing a finished
-    run and resuming one cut short, then OUT/aggregate.json. -> the aggregate, None if a run ended short (a signal,
-    --max-minutes)."""
+    """--runs N (and each benchmark row): seeds seed .. seed+N-1 in turn, each under OUT/seed-S, reusing a
+    finished run and resuming one cut short, then OUT/aggregate.json. -> the aggregate, None if a run ended
+    short (a signal, --max-minutes)."""
     runs = [dataclasses.replace(cfg, seed=seed, runs=1, out=os.path.join(cfg.run_dir, f"seed-{seed}"))
             for seed in range(cfg.seed, cfg.seed + cfg.runs)]
     for run in runs:
         if not run_finished(run):
             run = dataclasses.replace(run, resume=os.path.exists(os.path.join(run.run_dir, "ckpt.pt")))
             prepare_run_dir(run)
-            if stop_requested() or not report(train(run, stop_requested), run, stop_requested, "the same command"):
+            if stop_requested() or not report(train(run, stop_requested), run, stop_requested,
+                                              "the same command"):
                 return None
     result = aggregate_runs([run.run_dir for run in runs])
     with open(os.path.join(cfg.run_dir, "aggregate.json"), "w") as f:
-        json.dump({"sampler": cfg.sampler, **{k: v for k, v in result.items() if k != "metrics"}}, f, indent=1)
-    print(f"[runs] {cfg.sampler}: final acc {result['final_acc']['mean']:.4f} ± {result['final_acc']['std']:.4f} "
-          f"best {result['best_acc']['mean']:.4f} over {cfg.runs} seeds -> {cfg.run_dir}/aggregate.json", flush=True)
+        json.dump({"sampler": cfg.sampler, **{k: v for k, v in result.items() if k != "metrics"}},
+                  f, indent=1)
+    print(f"[runs] {cfg.sampler}: final acc {result['final_acc']['mean']:.4f} ± "
+          f"{result['final_acc']['std']:.4f} best {result['best_acc']['mean']:.4f} over {cfg.runs} seeds -> "
+          f"{cfg.run_dir}/aggregate.json", flush=True)
     return result
 
 
-# ./run.sh bench: regimes × rows, each row the flags it changes. Every SPL row paces as the authors' code did (NOTES
-# §8), fixed before any run and tuned on nothing here: f0 = 0.7 (K_0 = 500 of ~750 per cluster), β1 = β2 = 0.1
-# (×1.1 per pass), ρ0 = 0.5 — Config's defaults. Where the pace is capped (f_max = 0.6 = 1 − the noise rate, as
-# Co-teaching does), the row assumes the noise rate is known.
-BENCH_ROWS = {row: dict(sampler=row) for row in ("random", "random-pace", "spl", "spld", "spladvise", "infobatch")}
-BENCH_REGIMES = {  # regime: (budget × the clean one, what it changes, its rows)
-    "clean": (1, {}, {**BENCH_ROWS, "spladvise-frozen": dict(sampler="spladvise", refresh=-1),  # authors' schedule
-                      "spladvise-rank": dict(sampler="spladvise", pace="rank"),  # authors' count pace
+# ./run.sh bench: regimes × rows, each row the flags it changes. Every SPL row paces as the authors' code did,
+# fixed before any run and tuned on nothing here: f0 = 0.7 (K_0 = 500 of ~750 per cluster), β1 = β2 = 0.1
+# (×1.1 per pass), ρ0 = 0.5, Config's defaults. A row capped at f_max = 1 − the noise rate, as Co-teaching
+# does, assumes the rate known; 1 − 1.25 × the rate is Co-teaching's better keep rate; f_max = auto estimates
+# it.
+BENCH_ROWS = {row: dict(sampler=row)
+              for row in ("random", "random-pace", "spl", "spld", "spladvise", "infobatch")}
+CAPPED = {f"{row}-fmax{cap}": dict(sampler=row, f_max=cap)
+          for row in ("spl", "spld", "spladvise") for cap in (0.6, 0.5)}
+# The memorising regime: no augmentation, little weight decay, a constant learning rate and a budget long
+# enough that random sampling's test accuracy falls well below its own peak (README "Label noise where random
+# memorises": the probe), and a noisy validation split (10 %) for early stopping. Rows with `runs` use that
+# many seeds instead of the benchmark's.
+MEMORISE = dict(label_noise=0.4, augment="none", weight_decay=5e-5, milestones="none", val_size=500,
+                updates=1200, epochs=0.0)
+BENCH_REGIMES = {  # regime: (budget × the clean one, or None: the change sets it; what it changes; its rows)
+    "clean": (1, {}, {**BENCH_ROWS,
+                      "spladvise-frozen": dict(sampler="spladvise", refresh=-1),  # authors' schedule
+                      "spladvise-rank": dict(sampler="spladvise", pace="rank"),  # the authors' count pace
                       **{f"spladvise+{loss}": dict(sampler="spladvise", embed_loss=loss)  # paper §5
                          for loss in ("osm_caa", "triplet_global", "dml_crc")}}),
-    # The noisy budget is the clean one: a probe (random, seed 0, before any SPL row) still rose at 4× that budget
-    # (0.777 at 400 updates, 0.842 at 1,600): at lr 0.01 LeNet does not memorise 40 % noise within reach here.
-    "noisy": (1, dict(label_noise=0.4), {**BENCH_ROWS, **{f"{row}-fmax0.6": dict(sampler=row, f_max=0.6)
-                                                          for row in ("random-pace", "spl", "spld", "spladvise")}}),
+    "noisy": (1, dict(label_noise=0.4), {**BENCH_ROWS,
+                                         **{f"{row}-fmax0.6": dict(sampler=row, f_max=0.6)
+                                            for row in ("random-pace", "spl", "spld", "spladvise")}}),
     "short": (0.25, {}, BENCH_ROWS),  # LR milestones are fractions of the budget: the schedule scales with it
+    "memorise": (None, MEMORISE, {
+        "random": dict(sampler="random"),
+        "random-pace-fmax0.6": dict(sampler="random-pace", f_max=0.6, runs=3),
+        **{row: dict(flags, runs=5 if row.startswith("spladvise") else 3) for row, flags in CAPPED.items()},
+        "spladvise-fmax-auto": dict(sampler="spladvise", f_max="auto", runs=3),
+        "small-loss": dict(sampler="small-loss", f_max=0.6, runs=3)}),
+    "memorise-pairflip": (None, {**MEMORISE, "label_noise": 0.45, "noise_kind": "pairflip"}, {
+        "random": dict(sampler="random", runs=3),
+        "spladvise-fmax0.55": dict(sampler="spladvise", f_max=0.55, runs=3),
+        "spladvise-fmax-auto": dict(sampler="spladvise", f_max="auto", runs=3),
+        "small-loss": dict(sampler="small-loss", f_max=0.55, runs=3)}),
 }
 
 
 def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
-    """Each regime (--regime, default all) of BENCH_REGIMES: every row on the same student, data and seeds (--runs,
-    default 5), one run at a time so that the cost columns are the machine's alone, seed by seed across the rows;
-    finished runs are reused.
-    Prints each regime's table; writes OUT/REGIME/bench.json (curves for --plot) and OUT/bench.md."""
+    """Each regime (--regime, default all but the memorising ones) of BENCH_REGIMES: every row on the same
+    student, data and seeds (--runs, default 5), one run at a time so that the cost columns are the machine's
+    alone, seed by seed across the rows; finished runs are reused. Prints each regime's table; writes
+    OUT/REGIME/bench.json (curves for --plot) and OUT/bench.md, the full tables."""
     root, seeds, results = cfg.run_dir, cfg.runs if cfg.runs > 1 else 5, {}
-    base = dataclasses.replace(cfg, bench=False, resume=False, plot=False, runs=seeds)
-    for regime, (factor, change, rows) in BENCH_REGIMES.items():
-        if cfg.regime not in ("all", regime):
-            continue
-        budget = dict(epochs=base.epochs * factor, updates=round(base.updates * factor))
-        runs, results[regime] = {row: dataclasses.replace(base, **budget, **change, **flags, out=os.path.join(
-            root, regime, row)) for row, flags in rows.items()}, {}
-        for n in range(1, seeds + 1):  # seed by seed across the rows: a slow stretch of the machine hits every row
-            for row, run in runs.items():
-                results[regime][row] = run_seeds(dataclasses.replace(run, runs=n), stop_requested)
-                if results[regime][row] is None:
-                    return results
-        table = f"{regime} ({json.dumps({**budget, **change})}, {seeds} seeds):\n\n{bench_table(results[regime])}"
+    base = dataclasses.replace(cfg, bench=False, resume=False, plot=False)
+    wanted = [r for r in BENCH_REGIMES
+              if cfg.regime == r or cfg.regime == "all" and not r.startswith("memorise")]
+    for regime in wanted:
+        factor, change, rows = BENCH_REGIMES[regime]
+        budget = {} if factor is None else dict(epochs=base.epochs * factor,
+                                                updates=round(base.updates * factor))
+        runs = {row: dataclasses.replace(base, **budget, **change,
+                                         **{k: v for k, v in flags.items() if k != "runs"},
+                                         out=os.path.join(root, regime, row)) for row, flags in rows.items()}
+        n_seeds = {row: flags.get("runs", seeds) for row, flags in rows.items()}
+        results[regime] = {}
+        for n in range(1, max(n_seeds.values()) + 1):  # seed by seed across the rows: a slow stretch
+            for row, run in runs.items():  # of the machine hits every row
+                if n <= n_seeds[row]:
+                    results[regime][row] = run_seeds(dataclasses.replace(run, runs=n), stop_requested)
+                    if results[regime][row] is None:
+                        return results
+        table = f"{regime} ({json.dumps({**budget, **change})}):\n\n{bench_table(results[regime])}"
         print("\n" + table + "\n", flush=True)
         with open(os.path.join(root, regime, "bench.json"), "w") as f:
             json.dump({"results": {row: {k: v for k, v in r.items() if k != "metrics"}
                                    for row, r in results[regime].items()}, "table": table}, f, indent=1)
     with open(os.path.join(root, "bench.md"), "w") as f:
         f.write("\n\n".join(json.load(open(os.path.join(root, regime, "bench.json")))["table"]
-                            for regime in BENCH_REGIMES if os.path.exists(os.path.join(root, regime, "bench.json"))))
+                            for regime in BENCH_REGIMES
+                            if os.path.exists(os.path.join(root, regime, "bench.json"))))
     return results
 
 
 def bench_table(results: dict) -> str:
-    """Markdown, one row per bench row (mean ± std over seeds): final and best accuracy, updates to reach random's
-    final mean, the update where the curriculum started, its label precision, seconds per 1,000 updates (× random)
+    """Markdown, one row per bench row (mean ± std over seeds): final, best and early-stopped accuracy,
+    updates and seconds to reach random's final (its best where random memorises) mean, the update where the
+    curriculum started, its label precision, the estimated clean share, seconds per 1,000 updates (× random)
     and their split, the embedding child's CPU time / the student's, and the indexes the curriculum used."""
-    target, base = results["random"]["final_acc"]["mean"], results["random"]["s_per_1k"]["mean"]
-    show = lambda v: "—" if v["n"] == 0 or math.isnan(v["mean"]) else f"{v['mean']:.0f}"
+    random_row = results["random"]
+    memorises = random_row["best_acc"]["mean"] - random_row["final_acc"]["mean"] > 0.05
+    target = random_row["best_acc" if memorises else "final_acc"]["mean"]
+    base = random_row["s_per_1k"]["mean"]
+    show = lambda v, fmt: "—" if v["n"] == 0 or math.isnan(v["mean"]) else format(v["mean"], fmt)
+    pm = lambda v: "—" if v["n"] == 0 else f"{v['mean']:.4f} ± {v['std']:.4f}"
     span = lambda v: f"{min(v):.3f}–{max(v):.3f}" if v else "—"
-    rows = ["| row | final acc | best acc* | updates to reach random's final | curriculum from update | label "
-            "precision | s / 1k updates (× random) | train | score | embed read | embed inline | embed CPU / "
-            "student CPU | indexes used: soft-vote acc | Recall@1 |", "|---" * 14 + "|"]
+    rows = [f"| row | final acc | best acc | early-stopped acc | updates to reach random's "
+            f"{'best' if memorises else 'final'} | s to reach it | curriculum from update | label precision "
+            f"| clean share est. | s / 1k updates (× random) | train | score | embed read | embed inline "
+            f"| embed CPU / student CPU | indexes used: soft-vote acc | Recall@1 |", "|---" * 17 + "|"]
     for name, r in results.items():
-        reach = [next((m["updates"] for m in run if m["test_acc"] >= target), None) for run in r["metrics"]]
+        reach = [next(((m["updates"], m["wall_s"]) for m in run if m["test_acc"] >= target), None)
+                 for run in r["metrics"]]
         hits = [u for u in reach if u is not None]
-        rows.append(f"| {name} | {r['final_acc']['mean']:.4f} ± {r['final_acc']['std']:.4f} | "
-                    f"{r['best_acc']['mean']:.4f} ± {r['best_acc']['std']:.4f} | "
-                    f"{f'{np.mean(hits):.0f} ({len(hits)}/{len(reach)})' if hits else 'not reached'} | "
-                    f"{show(r['curriculum_update'])} | {r['label_precision']['mean']:.3f} | "
+        rows.append(f"| {name} | {pm(r['final_acc'])} | {pm(r['best_acc'])} | {pm(r['early_stopped_acc'])} | "
+                    + (f"{np.mean([u for u, _ in hits]):.0f} ({len(hits)}/{len(reach)}) | "
+                       f"{np.mean([s for _, s in hits]):.0f}" if hits else "not reached | —")
+                    + f" | {show(r['curriculum_update'], '.0f')} | {r['label_precision']['mean']:.3f} | "
+                    f"{show(r['clean_share_estimate'], '.3f')} | "
                     f"{r['s_per_1k']['mean']:.1f} ({r['s_per_1k']['mean'] / base:.2f}) | "
-                    + " | ".join(f"{r[k]['mean']:.1f}" for k in ("t_train", "t_score", "t_embed", "t_embed_train"))
-                    + f" | {r['embed_cpu_share']['mean']:.2f} | {span(r['used_acc'])} | {span(r['used_recall1'])} |")
+                    + " | ".join(f"{r[k]['mean']:.1f}"
+                                 for k in ("t_train", "t_score", "t_embed", "t_embed_train"))
+                    + f" | {r['embed_cpu_share']['mean']:.2f} | {span(r['used_acc'])} | "
+                    f"{span(r['used_recall1'])} |")
     return "\n".join(rows)
 
 
-# ---- 13. figures (paper Figs. 2 and 3; matplotlib is imported only for --plot) ---------------------------
+# ---- 14. figures (paper Figs. 2 and 3; matplotlib is imported only for --plot) -----------------------------
 def finished_results(folder: str) -> bool:
-    """True if folder holds a finished benchmark (or one regime of it), --runs aggregate or single run; --plot then
-    only draws it."""
+    """True if folder holds a finished benchmark (or one regime of it), --runs aggregate or single run; --plot
+    then only draws it."""
     if any(os.path.exists(os.path.join(folder, *path)) for path in (
             ("bench.json",), ("aggregate.json",), *((regime, "bench.json") for regime in BENCH_REGIMES))):
         return True
@@ -1865,39 +2297,42 @@ def finished_results(folder: str) -> bool:
 
 
 def accuracy_curves(folder: str) -> dict:
-    """Test accuracy against updates: a benchmark's rows or a --runs aggregate (mean ± std over seeds), or one run.
-    -> {name: (updates, mean, std)} arrays, cut where nothing was measured (InfoBatch ends early)."""
+    """Test accuracy against updates: a benchmark's rows or a --runs aggregate (mean ± std over seeds), or one
+    run. -> {name: (updates, mean, std)} arrays, cut where nothing was measured (InfoBatch ends early)."""
     if os.path.exists(path := os.path.join(folder, "bench.json")):
         curves = {row: r["curve"] for row, r in json.load(open(path))["results"].items()}
     elif os.path.exists(path := os.path.join(folder, "aggregate.json")):
-        curves = {(agg := json.load(open(path))).get("sampler", "mean over seeds"): agg["curve"]}  # older: no name
+        # older: no name
+        curves = {(agg := json.load(open(path))).get("sampler", "mean over seeds"): agg["curve"]}
     else:
-        curves = {json.load(open(os.path.join(folder, "summary.json")))["sampler"]: aggregate_runs([folder])["curve"]}
+        curves = {json.load(open(os.path.join(folder, "summary.json")))["sampler"]:
+                  aggregate_runs([folder])["curve"]}
     result = {}
     for name, c in curves.items():
-        u, mean, std = (np.asarray(c[k], dtype=np.float64) for k in ("updates", "test_acc_mean", "test_acc_std"))
+        u, mean, std = (np.asarray(c[k], dtype=np.float64)
+                        for k in ("updates", "test_acc_mean", "test_acc_std"))
         result[name] = (u[np.isfinite(mean)], mean[np.isfinite(mean)], std[np.isfinite(mean)])
     return result
 
 
 def figure_samples(folder: str) -> list[dict]:
-    """The embedding snapshots of the first, a middle and the last index version of the folder's run (the first
-    seed of --runs; a benchmark's spladvise row, else the first row that has them)."""
+    """The embedding snapshots of the first, a middle and the last index version of the folder's run (the
+    first seed of --runs; a benchmark's spladvise row, else the first row that has them)."""
     import glob
     for pattern in ("", "seed-*", "spladvise/seed-*", "spladvise*/seed-*"):
         paths = sorted(glob.glob(os.path.join(folder, pattern, "embeddings", "v*.pt")))
         if paths:
             paths = [p for p in paths if os.path.dirname(p) == os.path.dirname(paths[0])]
             picks = sorted({0, len(paths) // 2, len(paths) - 1})
-            return [{**torch.load(paths[i], weights_only=False), "run": os.path.relpath(os.path.dirname(
+            return [{**load_cpu(paths[i]), "run": os.path.relpath(os.path.dirname(
                 os.path.dirname(paths[i])), folder)} for i in picks]
     return []
 
 
 def plot_folder(folder: str) -> list[str]:
-    """--plot: OUT/curves.png (Fig. 3: mean test accuracy against updates, ±1 std band) and, where the run has an
-    embedding, OUT/embedding.png (Fig. 2: a class-balanced test sample at the first, a middle and the last index,
-    PCA to 2-D; the paper used t-SNE). -> the paths written."""
+    """--plot: OUT/curves.png (Fig. 3: mean test accuracy against updates, ±1 std band) and, where the run has
+    an embedding, OUT/embedding.png (Fig. 2: a class-balanced test sample at the first, a middle and the last
+    index, PCA to 2-D; the paper used t-SNE). -> the paths written."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -1905,7 +2340,8 @@ def plot_folder(folder: str) -> list[str]:
     for name, (updates, mean, std) in accuracy_curves(folder).items():
         ax.plot(updates, mean, label=name)
         ax.fill_between(updates, mean - std, mean + std, alpha=0.2)
-    ax.set(xlabel="student updates", ylabel="test accuracy", title="Test accuracy, mean ± 1 std (paper Fig. 3)")
+    ax.set(xlabel="student updates", ylabel="test accuracy",
+           title="Test accuracy, mean ± 1 std (paper Fig. 3)")
     ax.legend()
     written = [os.path.join(folder, "curves.png")]
     fig.savefig(written[0], dpi=120, bbox_inches="tight")
@@ -1920,39 +2356,64 @@ def plot_folder(folder: str) -> list[str]:
             ax.scatter(xy[:, 0], xy[:, 1], c=sample["labels"], cmap="tab10", s=8)
             ax.set(title=f"index v{sample['version']}, embedding iteration {sample['iteration']}", xticks=[],
                    yticks=[])
-        fig.suptitle(f"Test images in the embedding of {samples[0]['run']}, coloured by class; PCA to 2-D (paper "
-                     f"Fig. 2 used t-SNE)")
+        fig.suptitle(f"Test images in the embedding of {samples[0]['run']}, coloured by class; PCA to 2-D "
+                     f"(paper Fig. 2 used t-SNE)")
         written.append(os.path.join(folder, "embedding.png"))
         fig.savefig(written[1], dpi=120, bbox_inches="tight")
         plt.close(fig)
     return written
 
 
-# ---- 14. CLI and main ------------------------------------------------------------------------------------
-CHOICES = {"dataset": DATASETS, "sampler": ("spladvise", "spld", "spl", "random", "random-pace", "infobatch"),
+# ---- 15. CLI and main --------------------------------------------------------------------------------------
+CHOICES = {"dataset": DATASETS, "preset": ("auto", "paper", "cpu", "bench"),
+           "sampler": ("spladvise", "spld", "spl", "random", "random-pace", "infobatch", "small-loss"),
            "amp": ("auto", "on", "off", "embed"), "noise_kind": ("symmetric", "pairflip"),
-           "regime": ("all", *BENCH_REGIMES), "preset": ("auto", "paper", "cpu"), "embed_mode": ("process", "inline"),
-           "pace": ("quantile", "absolute", "rank"),
-           "student": NETS, "embed_net": NETS, "embed_loss": ("magnet", "osm_caa", "triplet_global", "dml_crc")}
-RUNTIME_FIELDS = {"resume", "max_minutes", "gpu", "embed_gpu", "out", "data_dir", "download", "compile", "runs",
-                  "bench", "regime", "plot", "amp"}  # may change on --resume; the others must match the checkpoint's
+           "regime": ("all", *BENCH_REGIMES), "embed_mode": ("process", "inline"),
+           "pace": ("quantile", "rank"),
+           "embed_loss": ("magnet", "osm_caa", "triplet_global", "dml_crc")}
+# may change on --resume; the others must match the checkpoint's
+RUNTIME_FIELDS = {"resume", "max_minutes", "gpu", "embed_gpu", "out", "data_dir", "download", "compile",
+                  "runs", "bench", "regime", "plot", "amp"}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, as every other bad input
+        raise ConfigError(message)
+
+
+def fraction_or_auto(value: str):
+    return value if value == "auto" else float(value)
 
 
 def parse_args(argv: list[str] | None) -> Config:
     """Flags generated from Config: --train-size (or --train_size), --no-download for booleans, and so on."""
     import inspect
     helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description="SPL-ADVisE (Thangarasa & Taylor, BMVC 2018), one file.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description="SPL-ADVisE (Thangarasa & Taylor, BMVC 2018), one file.",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         names = dict.fromkeys([f"--{f.name.replace('_', '-')}", f"--{f.name}"])
         if f.type is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=helps.get(f.name))
-        else:
-            kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))  # str | None -> str
-            parser.add_argument(*names, type=kind, default=f.default, help=helps.get(f.name))
+            continue
+        kind = next(t for t in typing.get_args(f.type) or (f.type,)
+                    if t is not type(None))  # str | None -> str
+        parser.add_argument(*names, type=fraction_or_auto if f.name == "f_max" else kind, default=f.default,
+                            choices=CHOICES.get(f.name), help=helps.get(f.name))
     return Config(**vars(parser.parse_args(argv)))
+
+
+def command_line(cfg: Config) -> str:
+    """The command that repeats this run: every value that differs from Config's defaults, as a flag."""
+    flags = []
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if value != f.default:
+            name = f"--{f.name.replace('_', '-')}"
+            flags += ([name] if value is True else [f"--no-{name[2:]}"] if value is False
+                      else [name, str(value)])
+    return " ".join(["python spladvise.py", *flags])
 
 
 def resolve_device(spec: str, flag: str) -> str:
@@ -1969,24 +2430,18 @@ def resolve_device(spec: str, flag: str) -> str:
 
 
 def resolve_config(cfg: Config) -> Config:
-    """Devices and the preset's defaults filled in, then every value checked; ConfigError names the bad one."""
+    """Devices and the preset's values for the fields left unset (None), then every value checked; ConfigError
+    names the bad one. A budget given (--updates or --epochs) replaces the preset's."""
     gpu = resolve_device(cfg.gpu, "gpu")
     embed_gpu = "same" if cfg.embed_gpu == "same" else resolve_device(cfg.embed_gpu, "embed-gpu")
-    preset = cfg.preset if cfg.preset != "auto" else ("paper" if gpu.startswith("cuda") else "cpu")
-    values = {"embed_dim": 64, "embed_lr": 1e-4, "embed_warmup": 5.0, "embed_share": 1.0, "train_size": 0,
-              "test_size": 0, "updates": 0, "epochs": 0.0, **PRESETS.get(preset, {}).get(cfg.dataset, {}),
-              **(BENCH_CPU if cfg.bench and preset == "cpu" else {})}
-    if cfg.updates is not None or cfg.epochs is not None:  # a budget given replaces the preset's
+    preset = cfg.preset
+    if preset == "auto":
+        preset = "paper" if gpu.startswith("cuda") else "bench" if cfg.bench else "cpu"
+    values = dict(PRESETS.get(preset, {}).get(cfg.dataset, {}))
+    if cfg.updates is not None or cfg.epochs is not None:
         values.update(updates=0, epochs=0.0)
-    if cfg.amp == "auto":  # bf16 where the hardware has it natively; emulated bf16 is slower than float32. On the
-        # CPU only the embedding, which just sorts samples into clusters: its steps run 1.3x faster there, its warm-up
-        # index is as good (README "Choices"), and the student's accuracy stays that of float32
-        cuda = gpu.startswith("cuda")
-        cuda_bf16 = cuda and torch.cuda.get_device_capability(gpu)[0] >= 8
-        cpu_bf16 = not cuda and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        values["amp"] = "on" if cuda_bf16 else "embed" if cpu_bf16 else "off"
     cfg = dataclasses.replace(cfg, gpu=gpu, embed_gpu=embed_gpu, preset=preset,
-                              **{k: v for k, v in values.items() if getattr(cfg, k) in (None, "auto")})
+                              **{k: v for k, v in values.items() if getattr(cfg, k) is None})
     check_values(cfg)
     try:
         parse_augment(cfg.augment)
@@ -1994,7 +2449,8 @@ def resolve_config(cfg: Config) -> Config:
     except ValueError as e:
         raise ConfigError(f"--augment {cfg.augment!r} / --milestones {cfg.milestones!r}: {e}")
     if any(not 0 < f < 1 for f in fractions):
-        raise ConfigError(f"--milestones {cfg.milestones!r}: give fractions of the budget in (0, 1), e.g. 0.5,0.75")
+        raise ConfigError(f"--milestones {cfg.milestones!r}: give fractions of the budget in (0, 1), "
+                          f"e.g. 0.5,0.75")
     if cfg.plot:
         try:
             import matplotlib  # noqa: F401  (the optional extra; checked before any training starts)
@@ -2004,11 +2460,13 @@ def resolve_config(cfg: Config) -> Config:
 
 
 RANGES = [  # (flags, test, the rule a message states)
-    (("batch_size", "lr", "embed_lr", "embed_dim", "k", "m", "d", "kmeans_iters", "neighbours", "score_batch", "runs"),
-     lambda v: v > 0, "must be positive"),
-    (("train_size", "test_size", "val_size", "updates", "epochs", "max_minutes", "embed_warmup", "rho0", "beta1",
-      "beta2", "alpha", "weight_decay", "momentum"), lambda v: v >= 0, "must be >= 0"),
-    (("f0", "f_max", "embed_share"), lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    (("batch_size", "lr", "embed_lr", "embed_dim", "k", "m", "d", "kmeans_iters", "neighbours", "score_batch",
+      "runs"), lambda v: v > 0, "must be positive"),
+    (("train_size", "test_size", "val_size", "updates", "epochs", "max_minutes", "embed_warmup", "rho0",
+      "beta1", "beta2", "alpha", "weight_decay", "momentum", "ramp_epochs"),
+     lambda v: v >= 0, "must be >= 0"),
+    (("f0", "embed_share"), lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    (("f_max",), lambda v: v == "auto" or 0 < v <= 1, "must be in (0, 1] or auto"),
     (("dropout", "prune_ratio", "label_noise"), lambda v: 0 <= v < 1, "must be in [0, 1)"),
     (("anneal",), lambda v: 0 <= v <= 1, "must be in [0, 1] (a share of the epochs)"),
     (("triplet_target",), lambda v: 0 < v < 1, "must be in (0, 1)"),
@@ -2017,14 +2475,15 @@ RANGES = [  # (flags, test, the rule a message states)
 
 
 def check_values(cfg: Config):
-    """Every choice among CHOICES (or lenet-W, wrn-D-W) and every number in its RANGES; ConfigError names the bad
-    value and the fix. CHOICES' order matters: a bad dataset or preset is named before the nets it left unset."""
-    net = lambda v: (re.fullmatch(r"lenet-[1-9]\d*", v)  # lenet-WIDTH, or wrn-DEPTH-WIDTH with depth = 6n + 4
+    """Every network name (lenet-W, wrn-D-W) and every number in its RANGES; ConfigError names the bad value
+    and the fix (argparse's choices have checked the other enumerations)."""
+    # lenet-WIDTH, wrn-DEPTH-WIDTH, depth = 6n + 4
+    net = lambda v: (v in NETS or re.fullmatch(r"lenet-[1-9]\d*", v)
                      or re.fullmatch(r"wrn-\d+-\d+", v) and int(v.split("-")[1]) % 6 == 4)
-    for name, choices in CHOICES.items():
-        value = getattr(cfg, name)
-        if value not in choices and not (name in ("student", "embed_net") and net(value)):
-            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is unknown; choose one of {', '.join(choices)}")
+    for name in ("student", "embed_net"):
+        if not net(getattr(cfg, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is unknown; choose one of "
+                              f"{', '.join(NETS)}, lenet-WIDTH or wrn-DEPTH-WIDTH")
     for names, ok, rule in RANGES:
         for name in names:
             if not ok(getattr(cfg, name)):
@@ -2032,9 +2491,13 @@ def check_values(cfg: Config):
     if not cfg.updates and not cfg.epochs:
         raise ConfigError("the budget is zero: give --updates N or --epochs E (> 0)")
     if cfg.embed_loss != "magnet" and cfg.d < 2:
-        raise ConfigError(f"--d {cfg.d}: --embed-loss {cfg.embed_loss} needs >= 2 examples of a class per batch")
+        raise ConfigError(f"--d {cfg.d}: --embed-loss {cfg.embed_loss} needs >= 2 examples of a class "
+                          f"per batch")
     if cfg.m < 2:
         raise ConfigError(f"--m {cfg.m}: a magnet batch needs at least 2 clusters (a seed and an impostor)")
+    if cfg.f_max == "auto" and cfg.sampler not in ("spl", "spld", "spladvise"):
+        raise ConfigError(f"--f-max auto estimates the clean share from the scored losses of a curriculum; "
+                          f"--sampler {cfg.sampler} scores none: give --f-max a number")
 
 
 def prepare_run_dir(cfg: Config):
@@ -2045,15 +2508,15 @@ def prepare_run_dir(cfg: Config):
         if not os.path.exists(ckpt_path):
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
         try:
-            saved = torch.load(ckpt_path, weights_only=False, map_location="cpu")["config"]
+            saved = load_cpu(ckpt_path)["config"]
         except Exception as e:
             raise ConfigError(f"--resume: {ckpt_path} cannot be read ({type(e).__name__}: {e})")
     if saved is not None:
         if differ := config_changes(saved, cfg):
             raise ConfigError(f"{cfg.run_dir} holds a different run ({'; '.join(differ)}); " + (
-                "resume with the flags it was started with (its config.json; a paper-preset run resumed on a machine "
-                "without CUDA needs --preset paper)" if cfg.resume else "use another --out or the same flags with "
-                "--resume"))
+                "resume with the flags it was started with (its config.json; a paper-preset run resumed on a "
+                "machine without CUDA needs --preset paper)" if cfg.resume
+                else "use another --out or the same flags with --resume"))
         if not cfg.resume and os.path.exists(ckpt_path):
             raise ConfigError(f"{cfg.run_dir} holds a checkpoint of this run; continue it with --resume or "
                               f"choose another --out")
@@ -2084,13 +2547,12 @@ def main(argv: list[str] | None = None) -> int:
                 os.path.join(cfg.run_dir, r, "bench.json"))]  # a benchmark: each regime's rows
             for path in [p for folder in regimes or [cfg.run_dir] for p in plot_folder(folder)]:
                 print(f"[plot] {path}", flush=True)
-    except (ConfigError, DataError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (EmbeddingFailed, NonFiniteLoss) as e:
         ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
-        last = (f"last good checkpoint: {ckpt} (update "
-                f"{torch.load(ckpt, weights_only=False, map_location='cpu')['state']['updates']})"
+        last = (f"last good checkpoint: {ckpt} (update {load_cpu(ckpt)['state']['updates']})"
                 if os.path.exists(ckpt) else "no checkpoint was written yet")
         print(f"error: {e}; {last}", file=sys.stderr)
         return 1
@@ -2098,9 +2560,10 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if received:
+        ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
         how = ("run the same command again: finished runs are reused, the one cut short resumes"
-               if cfg.bench or cfg.runs > 1 else
-               f"resume with the same flags and --resume ({os.path.join(cfg.run_dir, 'ckpt.pt')})")
+               if cfg.bench or cfg.runs > 1 else f"resume with the same flags and --resume ({ckpt})"
+               if os.path.exists(ckpt) else "it left no checkpoint: start it again")
         print(f"[student] stopped by {signal.Signals(received[0]).name}; {how}", file=sys.stderr, flush=True)
         return 128 + received[0]
     return 0

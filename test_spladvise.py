@@ -1,18 +1,25 @@
-"""Tests for spladvise.py, in the file's section order. Math is checked against slow, plainly correct references
-(loops, float64, tiny sizes); the training system through the CLI on real Fashion-MNIST subsets, on the CPU.
+"""Tests for spladvise.py, in the file's section order. Math is checked against slow, plainly correct
+references (loops, float64, tiny sizes); the training system through the CLI on real Fashion-MNIST subsets, on
+the CPU.
 
 Run: python -m pytest -q test_spladvise.py
 """
 import ast
+import collections
 import dataclasses
+import datetime
 import gzip
 import inspect
+import io
 import itertools
 import json
 import math
 import os
 import pickle
+import queue
+import random
 import signal
+import socket
 import subprocess
 import sys
 import re
@@ -28,7 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FMNIST = os.environ.get("SPLADVISE_TEST_DATA", "/usr/share/datasets/fashion-mnist")  # real idx .gz files
 needs_fmnist = pytest.mark.skipif(not os.path.exists(f"{FMNIST}/train-images-idx3-ubyte.gz"),
                                   reason="real Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
-# A run small enough for seconds on 2 CPU cores: 600 training and 300 test images, LeNet student and embedding.
+# A run small enough for seconds on 2 CPU cores: 600 training and 300 test images,
+# LeNet student and embedding.
 TINY = ["--dataset", "fashionmnist", "--gpu", "-1", "--data-dir", FMNIST, "--no-download",
         "--train-size", "600", "--test-size", "300", "--batch-size", "64", "--embed-dim", "8", "--k", "3",
         "--m", "4", "--d", "4", "--score-batch", "600", "--lr", "0.05", "--embed-warmup", "1"]
@@ -40,8 +48,14 @@ def cli(args, out, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def start(args, out, env=None):
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "spladvise.py"), *args, "--out", str(out)],
+def start(args, out, env=None, slow_checkpoint=0.0):
+    """spladvise.py in a subprocess, not waited for; slow_checkpoint: seconds each checkpoint's rename waits
+    (the test patches os.replace in that process), so that a kill can land inside a checkpoint write."""
+    patch = (f"import os, sys, time; sys.path.insert(0, {HERE!r}); rename = os.replace; "
+             f"os.replace = lambda a, b: (time.sleep({slow_checkpoint}), rename(a, b)); import spladvise; "
+             f"sys.argv[0] = 'spladvise.py'; sys.exit(spladvise.main(sys.argv[1:]))")
+    command = ["-c", patch] if slow_checkpoint else [os.path.join(HERE, "spladvise.py")]
+    return subprocess.Popen([sys.executable, *command, *args, "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
 
@@ -81,7 +95,8 @@ def write_tiny_idx_set(folder, gz=True, n=20):
     rng = np.random.default_rng(0)
     parts = {"train-images-idx3-ubyte": rng.integers(0, 256, (n, 28, 28)),
              "train-labels-idx1-ubyte": np.arange(n) % 10,
-             "t10k-images-idx3-ubyte": rng.integers(0, 256, (10, 28, 28)), "t10k-labels-idx1-ubyte": np.arange(10)}
+             "t10k-images-idx3-ubyte": rng.integers(0, 256, (10, 28, 28)),
+             "t10k-labels-idx1-ubyte": np.arange(10)}
     for stem, array in parts.items():
         write_idx(os.path.join(folder, stem + (".gz" if gz else "")), array)
     return parts
@@ -111,17 +126,19 @@ def test_load_dataset_reads_cifar_pickles(tmp_path):
 
 
 def test_truncated_idx_file_is_named_in_the_error(tmp_path):
-    """Bad input: a truncated data file raises DataError naming that file."""
+    """Bad input: a truncated data file raises ConfigError naming that file."""
     write_tiny_idx_set(tmp_path)
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(S.DataError, match="train-images-idx3-ubyte.gz"):
+    with pytest.raises(S.ConfigError, match="train-images-idx3-ubyte.gz"):
         S.load_dataset("fashionmnist", str(tmp_path), download=False)
 
 
 def test_missing_data_exits_2_naming_the_paths_tried(tmp_path):
-    """Data: no local copy and no download -> exit 2, the folders tried and how to get the data, no traceback."""
-    r = cli(["--dataset", "mnist", "--gpu", "-1", "--data-dir", str(tmp_path), "--no-download", "--updates", "5"],
+    """Data: no local copy and no download -> exit 2, the folders tried and how to get the data, no
+    traceback."""
+    r = cli(["--dataset", "mnist", "--gpu", "-1", "--data-dir", str(tmp_path), "--no-download",
+             "--updates", "5"],
             tmp_path / "out")
     assert r.returncode == 2, r.stderr
     assert str(tmp_path) in r.stderr and "--data-dir" in r.stderr and "Traceback" not in r.stderr
@@ -135,8 +152,9 @@ def test_balanced_subset_takes_equal_class_shares():
 
 
 def test_balanced_subset_of_an_unequal_split_is_stratified_and_the_whole_split_at_full_size():
-    """MNIST's test set has 980 zeros but 1,135 ones: a 'balanced' 10,000 cannot exist. The whole split is taken
-    at full size; a smaller size that cannot be balanced gets shares ∝ class sizes (largest remainder)."""
+    """MNIST's test set has 980 zeros but 1,135 ones: a 'balanced' 10,000 cannot exist. The whole split is
+    taken at full size; a smaller size that cannot be balanced gets shares ∝ class sizes (largest
+    remainder)."""
     labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
     idx, balanced = S.balanced_subset(labels, 100, torch.Generator().manual_seed(0))
     assert not balanced and torch.equal(idx, torch.arange(100))
@@ -153,11 +171,18 @@ def test_cpu_preset_never_flips_digits(dataset, flips):
     assert S.parse_augment(cfg.augment)["hflip"] == flips and not S.parse_augment(cfg.augment)["vflip"]
 
 
-def test_amp_auto_is_bf16_for_the_embedding_only_on_a_cpu_with_native_bf16(monkeypatch):
-    for native, expected in ((True, "embed"), (False, "off")):
+def test_amp_auto_is_resolved_per_process_bf16_for_the_embedding_only_on_a_cpu_with_native_bf16(monkeypatch):
+    """--amp auto is decided by each process from its own device: on a CPU, bf16 for the embedding network
+    only and only where the CPU has it natively (emulated bf16 is slower than float32); on, off and embed as
+    named."""
+    cpu = torch.device("cpu")
+    for native in (True, False):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
-        assert S.resolve_config(S.parse_args(["--gpu", "-1"])).amp == expected
-        assert S.resolve_config(S.parse_args(["--gpu", "-1", "--amp", "off"])).amp == "off"
+        assert (S.bf16_enabled("auto", cpu, "embedding") == native
+                and not S.bf16_enabled("auto", cpu, "student"))
+    assert S.resolve_config(S.parse_args(["--gpu", "-1"])).amp == "auto"  # resolved where it is used
+    assert [S.bf16_enabled(a, cpu, n) for a in ("on", "off", "embed") for n in ("student", "embedding")] == [
+        True, True, False, False, False, True]
 
 def test_augment_shift_moves_pixels_by_whole_pixels_and_flips_mirror():
     """Augmentation: translation is an exact pad-and-crop (black border), a flip an exact mirror."""
@@ -173,8 +198,9 @@ def test_augment_shift_moves_pixels_by_whole_pixels_and_flips_mirror():
 
 
 def test_symmetric_noise_flips_rate_of_labels_uniformly_to_other_classes():
-    """Co-teaching's symmetric noise: a share RATE of labels changes (within 4 binomial standard errors), never to
-    itself, and the changed ones spread uniformly over the other C − 1 classes (chi-square, 8 d.o.f., p < 0.001)."""
+    """Co-teaching's symmetric noise: a share RATE of labels changes (within 4 binomial standard errors),
+    never to itself, and the changed ones spread uniformly over the other C − 1 classes (chi-square, 8 d.o.f.,
+    p < 0.001)."""
     labels = torch.arange(60000) % 10
     noisy = S.noisy_labels(labels, 0.4, "symmetric", 10, torch.Generator().manual_seed(0))
     changed = noisy != labels
@@ -207,13 +233,16 @@ def test_label_noise_is_the_same_for_every_seed_and_sampler_and_spares_the_test_
 
 @needs_fmnist
 def test_label_precision_of_the_first_pass_is_the_share_of_correct_labels(tmp_path):
-    args = TINY + ["--updates", "20", "--label-noise", "0.4", "--sampler", "spl", "--f-max", "0.5", "--f0", "0.4"]
+    args = TINY + ["--updates", "20", "--label-noise", "0.4", "--sampler", "spl", "--f-max", "0.5",
+                   "--f0", "0.4"]
     r = cli(args, tmp_path / "run")
     assert r.returncode == 0, r.stderr
     data = S.prepare_data(S.resolve_config(S.parse_args(args)), torch.device("cpu"))
     metrics = read_metrics(tmp_path / "run")
-    assert metrics[0]["label_precision"] == pytest.approx((data["y_train"] == data["y_clean"]).double().mean().item())
-    assert all(m["selected_frac"] <= 0.5 for m in metrics[1:])  # --f-max 0.5: SPL keeps at most the 0.5-quantile
+    assert metrics[0]["label_precision"] == pytest.approx(
+        (data["y_train"] == data["y_clean"]).double().mean().item())
+    # --f-max 0.5: SPL keeps at most the 0.5-quantile
+    assert all(m["selected_frac"] <= 0.5 for m in metrics[1:])
 
 
 # ---- 4. networks -----------------------------------------------------------------------------------------
@@ -228,7 +257,8 @@ def test_every_net_maps_a_batch_to_n_outputs_and_trains(name, size, channels):
 
 
 def test_lenet_pools_before_its_relus_with_the_textbook_function_and_gradient():
-    """LeNet's max-pool before ReLU equals conv-ReLU-pool (ReLU is monotone), outputs and gradients, float64."""
+    """LeNet's max-pool before ReLU equals conv-ReLU-pool (ReLU is monotone), outputs and gradients,
+    float64."""
     net = S.make_net("lenet-4", 1, 5, 28).double()
     conv1, conv2 = net.features[0], net.features[3]
     x = torch.randn(6, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -275,12 +305,14 @@ def test_kmeanspp_beats_random_initialisation_on_overlapping_blobs():
 
 
 def test_kmeanspp_plain_seeding_draws_proportional_to_squared_distance():
-    """D² seeding: with one candidate, the second centre is drawn with p ∝ D² to the first (exact probabilities
-    on 4 points, 6000 draws; a chi-square bound far above chance yet far below a uniform draw's statistic)."""
+    """D² seeding: with one candidate, the second centre is drawn with p ∝ D² to the first (exact
+    probabilities on 4 points, 6000 draws; a chi-square bound far above chance yet far below a uniform draw's
+    statistic)."""
     x = torch.tensor([[0.0], [1.0], [3.0], [7.0]], dtype=torch.float64)
     counts = np.zeros((4, 4))
     for seed in range(6000):
-        first, second = S.kmeanspp_seed(x, 2, candidates=1, generator=torch.Generator().manual_seed(seed)).tolist()
+        first, second = S.kmeanspp_seed(x, 2, candidates=1,
+                                        generator=torch.Generator().manual_seed(seed)).tolist()
         counts[first, second] += 1
     expected = np.zeros((4, 4))
     for i in range(4):
@@ -324,7 +356,8 @@ def test_build_cluster_index_clusters_within_each_class():
     """Paper §3.1: K-Means++ per class -> C*K clusters, every cluster holding one class only."""
     x, labels = blobs([[0, 0], [0.3, 0], [10, 0]], 20, 1.0, 0)
     labels = labels % 2  # two classes, one spread over two blobs
-    assign, centroids, cluster_class = S.build_cluster_index(x, labels, 3, generator=torch.Generator().manual_seed(0))
+    assign, centroids, cluster_class = S.build_cluster_index(x, labels, 3,
+                                                             generator=torch.Generator().manual_seed(0))
     assert centroids.shape == (6, 2) and cluster_class.tolist() == [0, 0, 0, 1, 1, 1]
     assert torch.equal(cluster_class[assign], labels)
 
@@ -334,7 +367,8 @@ def test_build_cluster_index_clusters_within_each_class():
     (lambda: S.kmeans_pp(torch.randn(3), 1), r"\(N, d\)"),
     (lambda: S.build_cluster_index(torch.randn(10, 2), torch.tensor([0] * 8 + [1] * 2), 3), "class 1 has 2"),
     (lambda: S.build_cluster_index(torch.randn(10, 2), torch.zeros(9, dtype=torch.long), 2), "labels"),
-    (lambda: S.magnet_loss(torch.randn(4, 2), torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long)),
+    (lambda: S.magnet_loss(torch.randn(4, 2), torch.zeros(3, dtype=torch.long),
+                           torch.zeros(4, dtype=torch.long)),
      "classes"),
     (lambda: S.spld_select(torch.rand(4), torch.zeros(5, dtype=torch.long), 1.0, 1.0), "groups"),
 ])
@@ -345,7 +379,7 @@ def test_bad_input_raises_value_error_naming_the_problem(call, message):
 
 # ---- 6. Magnet Loss and neighbourhood sampling -----------------------------------------------------------
 def magnet_loss_reference(r, classes, clusters, alpha):
-    """Eq. 1 written out with loops and plain floats (NOTES §1)."""
+    """Eq. 1 written out with loops and plain floats."""
     r = r.tolist()
     ids = sorted(set(clusters.tolist()))
     mu = {m: [sum(r[b][j] for b in range(len(r)) if clusters[b] == m) / int((clusters == m).sum())
@@ -365,8 +399,8 @@ def magnet_batch(m, d, dim, n_classes, seed):
     g = torch.Generator().manual_seed(seed)
     clusters = torch.arange(m).repeat_interleave(d)
     classes = (torch.arange(m) % n_classes).repeat_interleave(d)  # several clusters per class when m > C
-    r = torch.randn(m * d, dim, generator=g, dtype=torch.float64) + 2 * torch.randn(m, dim, generator=g,
-                                                                                     dtype=torch.float64)[clusters]
+    r = (torch.randn(m * d, dim, generator=g, dtype=torch.float64)
+         + 2 * torch.randn(m, dim, generator=g, dtype=torch.float64)[clusters])
     return r, classes, clusters * 7 + 3  # cluster ids need not be 0..M-1
 
 
@@ -384,7 +418,7 @@ def test_magnet_loss_matches_naive_loop(m, d, dim, n_classes, alpha):
 
 
 def test_magnet_loss_is_invariant_to_scaling_the_embedding():
-    """NOTES §1: with σ² (not σ⁴) in Eq. 1 the loss does not change when r is scaled."""
+    """With σ² (not σ⁴) in Eq. 1 the loss does not change when r is scaled."""
     r, classes, clusters = magnet_batch(6, 4, 3, 3, seed=1)
     base = S.magnet_loss(r, classes, clusters)[0]
     for scale in (0.01, 100.0):
@@ -403,8 +437,8 @@ def toy_index(n_classes=3, k=3, per_cluster=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     centroids = torch.randn(n_classes * k, 2, generator=g) * 5  # (C*K, 2)
     cluster_class = torch.arange(n_classes).repeat_interleave(k)
-    assign = torch.arange(n_classes * k).repeat_interleave(per_cluster)[torch.randperm(n_classes * k * per_cluster,
-                                                                                         generator=g)]
+    assign = torch.arange(n_classes * k).repeat_interleave(per_cluster)[
+        torch.randperm(n_classes * k * per_cluster, generator=g)]
     return assign, centroids, cluster_class
 
 
@@ -443,7 +477,7 @@ def test_sampler_seed_frequencies_follow_cluster_losses():
 
 
 def test_sampler_draws_uniformly_before_any_loss_and_reindex_recomputes_cluster_losses():
-    """NOTES §2: uniform before any loss; after a refresh, cluster losses follow the new assignment."""
+    """Alg. 1: uniform before any loss; after a refresh, cluster losses follow the new assignment."""
     assign, centroids, cluster_class = toy_index(n_classes=2, k=2)
     sampler = S.NeighbourhoodSampler(assign, centroids, cluster_class)
     assert torch.all(sampler.cluster_loss == sampler.cluster_loss[0])
@@ -470,7 +504,8 @@ def test_sampler_incremental_cluster_losses_equal_a_recomputation_with_repeated_
     for c in range(6):
         members = [i for i in last if assign[i] == c]
         if members:
-            assert math.isclose(sampler.cluster_loss[c].item(), np.mean([last[i] for i in members]), rel_tol=1e-9)
+            assert math.isclose(sampler.cluster_loss[c].item(), np.mean([last[i] for i in members]),
+                                rel_tol=1e-9)
 
 
 def test_sampler_refuses_more_clusters_than_impostors_exist():
@@ -480,7 +515,7 @@ def test_sampler_refuses_more_clusters_than_impostors_exist():
 
 
 def test_magnet_predict_matches_naive_soft_vote():
-    """NOTES §2: c* = argmax_c Σ over the L nearest centres of class c of exp(−‖r−μ‖²/(2σ̄²))."""
+    """Rippel et al. §3.2: c* = argmax_c Σ over the L nearest centres of class c of exp(−‖r−μ‖²/(2σ̄²))."""
     g = torch.Generator().manual_seed(0)
     emb, centroids = torch.randn(40, 3, generator=g, dtype=torch.float64), torch.randn(12, 3, generator=g,
                                                                                        dtype=torch.float64)
@@ -494,7 +529,7 @@ def test_magnet_predict_matches_naive_soft_vote():
         assert predicted[b] == int(np.argmax(votes))
 
 
-# ---- 7. other deep-metric-learning objectives (NOTES §6) -------------------------------------------------
+# ---- 7. other deep-metric-learning objectives (paper §5) -------------------------------------------------
 def pairs_batch(seed, b=12, d=4, c=3):
     gen = torch.Generator().manual_seed(seed)
     emb = torch.randn(b, d, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -558,7 +593,8 @@ def test_dml_crc_loss_matches_each_examples_own_ridge_solve():
             D = z[others].T  # (d, B−1) columns
             c = torch.linalg.solve(D.T @ D + ridge * torch.eye(9, dtype=torch.float64), D.T @ z[i])
             classes = sorted(set(labels[others].tolist()))
-            r = torch.stack([((z[i] - sum(D[:, k] * c[k] for k in range(9) if labels[others[k]] == cls)) ** 2).sum()
+            r = torch.stack([((z[i] - sum(D[:, k] * c[k] for k in range(9)
+                                          if labels[others[k]] == cls)) ** 2).sum()
                              for cls in classes])
             losses.append(-torch.log_softmax(-r / tau, 0)[classes.index(int(labels[i]))])
         ref = sum(losses) / 10
@@ -571,7 +607,8 @@ def test_mine_triplets_returns_the_brute_force_hardest_also_in_small_chunks():
     """Hard negative: the nearest other-class example; hard positive: the farthest of the n nearest same-class
     examples, the anchor excluded. Chunks smaller than N must give the same answer."""
     gen = torch.Generator().manual_seed(0)
-    emb, labels = torch.randn(60, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (60,), generator=gen)
+    emb, labels = (torch.randn(60, 3, generator=gen, dtype=torch.float64),
+                   torch.randint(0, 3, (60,), generator=gen))
     anchors = torch.tensor([0, 5, 17, 33, 59])
     positives, negatives = [], []
     for a in anchors.tolist():
@@ -604,13 +641,15 @@ def test_recall_at_1_and_nmi_against_hand_computed_values():
 
 
 def train_tiny_embedding(loss_name, steps=300):
-    """A small MLP trained with one objective on 3 classes whose signal lies in 2 of 22 dimensions (the other 20 are
-    wide noise, so raw nearest neighbours mostly miss) -> Recall@1 on held-out points before and after."""
+    """A small MLP trained with one objective on 3 classes whose signal lies in 2 of 22 dimensions (the other
+    20 are wide noise, so raw nearest neighbours mostly miss) -> Recall@1 on held-out points before and
+    after."""
     gen = torch.Generator().manual_seed(0)
     def make(n):
         y = torch.arange(n) % 3
         centres = torch.tensor([[0.0, 0.0], [4.0, 0.0], [2.0, 3.5]])
-        x = torch.cat([centres[y] + 0.5 * torch.randn(n, 2, generator=gen), 3 * torch.randn(n, 20, generator=gen)], 1)
+        x = torch.cat([centres[y] + 0.5 * torch.randn(n, 2, generator=gen),
+                       3 * torch.randn(n, 20, generator=gen)], 1)
         return x, y
     (x, y), (x_test, y_test) = make(300), make(300)
     torch.manual_seed(0)
@@ -664,10 +703,12 @@ def test_embed_loss_runs_spladvise_end_to_end_and_judges_each_index(tmp_path, lo
 
 # ---- 8. SPLD selector (and InfoBatch) --------------------------------------------------------------------
 def spld_objective(losses, groups, w, lam, gamma):
-    """Eq. 2's objective for a binary W: Σ W_i L_i − λ Σ W_i − γ Σ_k ‖W^k‖₂; lam a float or one λ_k per group."""
+    """Eq. 2's objective for a binary W: Σ W_i L_i − λ Σ W_i − γ Σ_k ‖W^k‖₂; lam a float or one λ_k per
+    group."""
     lam_of = (lambda k: lam) if isinstance(lam, float) else (lambda k: lam[k])
     total = sum(wi * (li - lam_of(gi)) for wi, li, gi in zip(w, losses, groups))
-    return total - gamma * sum(math.sqrt(sum(wi for wi, gi in zip(w, groups) if gi == k)) for k in set(groups))
+    return total - gamma * sum(math.sqrt(sum(wi for wi, gi in zip(w, groups) if gi == k))
+                               for k in set(groups))
 
 
 def test_spld_select_gives_the_global_optimum_of_eq2_by_enumeration():
@@ -678,10 +719,11 @@ def test_spld_select_gives_the_global_optimum_of_eq2_by_enumeration():
         losses = rng.exponential(1.0, n)
         groups = rng.integers(0, int(rng.integers(1, 5)), n)
         lam, gamma = float(rng.uniform(0, 1.5)), float(rng.uniform(0, 1.5))
-        if case % 2:  # the rank pace's per-group λ_k: Eq. 2 separates over groups, so the closed form still holds
+        # the rank pace's per-group λ_k: Eq. 2 separates over groups, so the closed form still holds
+        if case % 2:
             lam = rng.uniform(0, 1.5, int(groups.max()) + 1).tolist()
-        w = S.spld_select(torch.tensor(losses), torch.tensor(groups), torch.tensor(lam) if isinstance(lam, list)
-                          else lam, gamma).int().tolist()
+        w = S.spld_select(torch.tensor(losses), torch.tensor(groups),
+                          torch.tensor(lam) if isinstance(lam, list) else lam, gamma).int().tolist()
         best = min(spld_objective(losses, groups, v, lam, gamma) for v in itertools.product((0, 1), repeat=n))
         assert math.isclose(spld_objective(losses, groups, w, lam, gamma), best, abs_tol=1e-9), case
 
@@ -701,7 +743,8 @@ def test_spld_select_matches_the_per_group_rank_rule_loop():
 
 
 def test_spld_pace_quantile_selects_f_t_by_easiness_and_grows():
-    """NOTES §3 quantile pace: with γ = 0, W keeps f_t = f0 (1+β1)^t of the samples; λ and γ grow with t."""
+    """Quantile pace (Alg. 2 step 16): with γ = 0, W keeps f_t = f0 (1+β1)^t of the samples;
+    λ and γ grow with t."""
     losses = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     groups = torch.zeros(1000, dtype=torch.long)
     fractions, lams = [], []
@@ -711,22 +754,22 @@ def test_spld_pace_quantile_selects_f_t_by_easiness_and_grows():
         lams.append(lam)
     assert np.allclose(fractions, [min(1.0, 0.3 * 1.2 ** t) for t in range(8)], atol=2e-3)
     assert all(a < b for a, b in zip(lams, lams[1:]))
-    lam0, gamma0 = S.spld_pace(losses, 0, "quantile", 0.3, 0.5, 0.2, 0.1)
-    assert math.isclose(gamma0, 0.5 * lam0)
-    assert S.spld_pace(losses, 3, "absolute", 0.3, 0.5, 0.2, 0.1, lam0, gamma0) == pytest.approx(
-        (lam0 * 1.2 ** 3, gamma0 * 1.1 ** 3))
+    for t in range(4):  # γ_t = ρ0 (1+β2)^t λ_t
+        lam, gamma = S.spld_pace(losses, t, "quantile", 0.3, 0.5, 0.2, 0.1)
+        assert math.isclose(gamma, 0.5 * 1.1 ** t * lam)
 
 
 def test_spld_pace_rank_keeps_the_k_t_lowest_of_each_cluster_then_eq2_adds_its_bonus():
-    """--pace rank (NOTES §8, the authors' count pace): K_t = ⌈f0 (1+β1)^t · mean cluster size⌉; λ_k is the
-    (K_t+1)-th lowest loss of cluster k, so its K_t lowest are kept, and Eq. 2's rank term, with γ_t = ρ_t times
-    the quantile-pace λ_t, may keep more. Compared with a plain loop over clusters."""
+    """--pace rank (the authors' count pace): K_t = ⌈f0 (1+β1)^t · mean cluster size⌉; λ_k is the
+    (K_t+1)-th lowest loss of cluster k, so its K_t lowest are kept, and Eq. 2's rank term, with γ_t = ρ_t
+    times the quantile-pace λ_t, may keep more. Compared with a plain loop over clusters."""
     rng = np.random.default_rng(3)
     for case in range(30):
         n, n_groups = int(rng.integers(20, 200)), int(rng.integers(1, 9))
         losses = torch.tensor(rng.permutation(n) / n + rng.uniform(0, 1e-3, n))  # distinct
         groups = torch.tensor(rng.integers(0, n_groups, n))
-        t, f0, rho0 = int(rng.integers(0, 12)), float(rng.uniform(0.1, 0.9)), float(rng.choice([0.0, 0.5, 1.0]))
+        t, f0, rho0 = (int(rng.integers(0, 12)), float(rng.uniform(0.1, 0.9)),
+                       float(rng.choice([0.0, 0.5, 1.0])))
         lam, gamma = S.spld_pace(losses, t, "rank", f0, rho0, 0.1, 0.2, groups=groups)
         mask = S.spld_select(losses, groups, lam, gamma)
         sizes = [int((groups == k).sum()) for k in range(int(groups.max()) + 1)]
@@ -756,27 +799,30 @@ def test_pace_keeps_all_exactly_when_no_sample_can_be_left_out():
             lam, gamma = S.spld_pace(losses, t, mode, 0.4, 0.0, 0.2, 0.2, groups=groups)
             keeps_all = bool(S.spld_select(losses, groups, lam, gamma).all())
             assert S.pace_keeps_all(t, mode, 0.4, 0.2, torch.bincount(groups)) == keeps_all, (t, mode)
-        assert not S.pace_keeps_all(t, "absolute", 0.4, 0.2)
 
 
 def test_infobatch_keeps_a_random_one_minus_r_of_the_below_mean_samples_and_all_others():
-    """NOTES §9: candidates are the samples below the mean score; (1 − r) of them are kept, drawn at random (not the
-    lowest or highest), with weight 1/(1 − r); every other sample is kept at weight 1."""
+    """InfoBatch (Qin et al., ICLR 2024): candidates are the samples below the mean score; (1 − r) of them are
+    kept, drawn at random (not the lowest or highest), with weight 1/(1 − r); every other sample is kept at
+    weight 1."""
     scores = torch.rand(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 2
     candidates = scores < scores.mean()
     kept, weights = S.infobatch_select(scores, 0.3, 0.0, generator=torch.Generator().manual_seed(1))
     assert kept[~candidates].all() and (weights[~candidates] == 1).all()
     assert (weights[candidates] == 1 / 0.7).all()
-    assert kept[candidates].double().mean().item() == pytest.approx(0.7, abs=1e-4)  # a count, not a coin per sample
+    # a count, not a coin per sample
+    assert kept[candidates].double().mean().item() == pytest.approx(0.7, abs=1e-4)
     # a random subset: its scores have the candidates' mean (±1e-3 is over 3 standard errors; the lowest 70 %
     # would miss by 0.057), and another generator draws another subset
-    assert scores[kept & candidates].mean().item() == pytest.approx(scores[candidates].mean().item(), abs=1e-3)
+    assert scores[kept & candidates].mean().item() == pytest.approx(scores[candidates].mean().item(),
+                                                                    abs=1e-3)
     other, _ = S.infobatch_select(scores, 0.3, 0.0, generator=torch.Generator().manual_seed(2))
     assert not torch.equal(kept, other)
 
 
 def test_infobatch_prunes_nothing_on_equal_scores_and_everything_is_used_once_annealing():
-    """The first pass (every score equal) and every pass from δ of the epochs on use all samples at weight 1."""
+    """The first pass (every score equal) and every pass from δ of the epochs on use all samples at weight
+    1."""
     equal = torch.zeros(50)
     scores = torch.arange(50.0)
     for progress, s in ((0.0, equal), (0.875, scores), (0.95, scores)):
@@ -787,8 +833,9 @@ def test_infobatch_prunes_nothing_on_equal_scores_and_everything_is_used_once_an
 
 
 def test_infobatch_rescaled_gradient_is_unbiased_on_a_linear_model():
-    """E over the random pruning of Σ_kept w_i ∇ℓ_i equals the full Σ_i ∇ℓ_i (squared loss, linear model, float64):
-    within 4 standard errors over 20,000 draws, while the same pruning without the rescaling misses by > 40."""
+    """E over the random pruning of Σ_kept w_i ∇ℓ_i equals the full Σ_i ∇ℓ_i (squared loss, linear model,
+    float64): within 4 standard errors over 20,000 draws, while the same pruning without the rescaling misses
+    by > 40."""
     gen = torch.Generator().manual_seed(0)
     x, y, theta = (torch.randn(40, 3, generator=gen, dtype=torch.float64), torch.randn(40, generator=gen,
                    dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64))
@@ -804,8 +851,8 @@ def test_infobatch_rescaled_gradient_is_unbiased_on_a_linear_model():
 
 
 def test_f_max_caps_the_quantile_and_the_rank_pace():
-    """--f-max F: f_t = min(F, f0 (1+β1)^t): λ_t stays the F-quantile however late t, the rank pace's K_t stays
-    ⌈F · mean cluster size⌉, and the pace never keeps every sample."""
+    """--f-max F: f_t = min(F, f0 (1+β1)^t): λ_t stays the F-quantile however late t, the rank pace's K_t
+    stays ⌈F · mean cluster size⌉, and the pace never keeps every sample."""
     gen = torch.Generator().manual_seed(0)
     losses, groups = torch.rand(1000, generator=gen, dtype=torch.float64), torch.arange(1000) % 5
     lam, _ = S.spld_pace(losses, 30, "quantile", 0.7, 0.5, 0.1, 0.1, f_max=0.6)
@@ -813,16 +860,101 @@ def test_f_max_caps_the_quantile_and_the_rank_pace():
     assert (losses < lam).double().mean() == pytest.approx(0.6, abs=0.002)
     lam_k, _ = S.spld_pace(losses, 30, "rank", 0.7, 0.0, 0.1, 0.1, groups=groups, f_max=0.6)
     assert int(S.spld_select(losses, groups, lam_k, 0.0).sum()) == 5 * 120  # K_t = 0.6 · 200 per cluster
-    assert not S.pace_keeps_all(30, "quantile", 0.7, 0.1, f_max=0.6) and S.pace_keeps_all(30, "quantile", 0.7, 0.1)
+    assert (not S.pace_keeps_all(30, "quantile", 0.7, 0.1, f_max=0.6)
+            and S.pace_keeps_all(30, "quantile", 0.7, 0.1))
 
+
+def test_a_capped_pace_never_selects_more_late_than_when_f_t_reached_the_cap():
+    """--f-max F holds for every pass: over 150 SPLD selections on drifting losses (ρ_t alone would grow
+    1.1^150 times), no pass keeps more than it did once f_t reached F, nor more than ⌈F·N⌉; without the cap
+    the same pace keeps every sample within a few passes."""
+    gen = torch.Generator().manual_seed(0)
+    n, groups = 1000, torch.arange(1000) % 20
+    capped, free = S.SPLDSelector(f0=0.3, f_max=0.6), S.SPLDSelector(f0=0.3)
+    shares, free_shares = [], []
+    for t in range(150):
+        losses = torch.rand(n, generator=gen, dtype=torch.float64) * (1 + groups) / (1 + 0.05 * t)  # (N,)
+        shares.append(capped.select(losses, groups).double().mean().item())
+        free_shares.append(free.select(losses, groups).double().mean().item())
+    at_cap = S.cap_iteration(0.3, 0.1, 0.6)
+    assert at_cap == math.ceil(math.log(2) / math.log(1.1)) and capped.t == 150
+    assert max(shares[at_cap:]) <= shares[at_cap] and max(shares) <= 0.6
+    assert min(shares[at_cap:]) >= 0.59  # λ_t alone keeps the 0.6-quantile: the cap is a floor as well
+    assert free_shares[-1] == 1.0 and free.keeps_all(torch.bincount(groups)) and not capped.keeps_all()
+    lam, gamma = S.spld_pace(losses, 149, "quantile", 0.3, 0.5, 0.1, 0.1, groups, 0.6)
+    assert gamma == pytest.approx(0.5 * 1.1 ** at_cap * lam)  # ρ_t stopped growing at the cap
+
+
+def test_spld_select_max_keep_keeps_the_largest_margins_of_eq2():
+    """max_keep: of Eq. 2's selection, the samples with the largest margin λ + γ/(√i + √(i−1)) − L_i, counted
+    by a plain loop over groups."""
+    rng = np.random.default_rng(1)
+    losses, groups = torch.tensor(rng.uniform(0, 1, 60)), torch.tensor(rng.integers(0, 4, 60))
+    lam, gamma = 0.5, 0.4
+    margin = {}
+    for k in range(4):
+        members = sorted((groups == k).nonzero().flatten().tolist(), key=lambda i: float(losses[i]))
+        for rank, i in enumerate(members, start=1):
+            margin[i] = lam + gamma / (math.sqrt(rank) + math.sqrt(rank - 1)) - float(losses[i])
+    kept = [i for i in margin if margin[i] > 0]
+    best = sorted(kept, key=lambda i: -margin[i])[:20]
+    mask = S.spld_select(losses, groups, lam, gamma, max_keep=20)
+    assert len(kept) > 20 and sorted(mask.nonzero().flatten().tolist()) == sorted(best)
+    assert torch.equal(S.spld_select(losses, groups, lam, gamma, max_keep=1000),
+                       S.spld_select(losses, groups, lam, gamma))
+
+
+def test_clean_share_estimate_recovers_the_weight_of_a_two_mode_loss_mixture():
+    """DivideMix's two-component mixture on losses: 70 % from a low mode and 30 % from a high one give a clean
+    share within 0.02 of 0.7, whatever the scale, and
+    f_max="auto" caps the selector there at its first select()."""
+    gen = torch.Generator().manual_seed(0)
+    low = torch.randn(7000, generator=gen, dtype=torch.float64).abs() * 0.2
+    high = 2.5 + 0.4 * torch.randn(3000, generator=gen, dtype=torch.float64)
+    losses = torch.cat([low, high])[torch.randperm(10000, generator=gen)]
+    assert S.clean_share_estimate(losses) == pytest.approx(0.7, abs=0.02)
+    assert S.clean_share_estimate(100 * losses) == pytest.approx(S.clean_share_estimate(losses))
+    selector = S.SPLDSelector(f0=0.3, f_max="auto")
+    mask = selector.select(losses)
+    assert selector.f_max == selector.clean_share_estimate == pytest.approx(0.7, abs=0.02)
+    assert mask.double().mean().item() <= selector.f_max + 1e-3
+
+
+def test_small_loss_keeps_exactly_the_r_t_smallest_losses_of_a_batch_and_ramps_as_co_teaching():
+    """Co-teaching with one network: a batch updates on its ⌊R(T)·B⌋ smallest losses,
+    R(T) = 1 − τ·min(T/T_k, 1)."""
+    per_sample = torch.tensor([0.9, 0.1, 0.5, 0.3, 2.0, 0.2, 0.7, 1.1, 0.05, 0.6])
+    assert sorted(S.small_loss_keep(per_sample, 0.6).tolist()) == [1, 2, 3, 5, 8, 9]
+    assert S.small_loss_keep(per_sample, 0.01).tolist() == [8]  # at least one
+    assert [S.small_loss_rate(e, 0.4, 10) for e in (0, 5, 10, 30)] == pytest.approx([1.0, 0.8, 0.6, 0.6])
+    net = torch.nn.Linear(3, 2)
+    x, y = torch.randn(10, 3), torch.tensor([0, 1] * 5)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    losses = S.student_step(net, opt, x, y, 0.0, False, keep_rate=0.5)
+    keep = S.small_loss_keep(losses, 0.5)
+    net.zero_grad()
+    torch.nn.functional.cross_entropy(net(x[keep]), y[keep]).backward()
+    expected = net.weight.grad.clone()
+    S.student_step(net, opt, x, y, 0.0, False, keep_rate=0.5)
+    assert torch.allclose(net.weight.grad, expected)  # the update's gradient: the kept half's mean loss
+
+
+def test_every_mini_batch_of_a_pass_has_the_configured_size():
+    """The last batch of a pass is filled from the pass's own first samples (cuDNN tunes per shape)."""
+    idx = torch.arange(10, 23)
+    filled = S.fill_batches(idx, 5)
+    assert len(filled) == 15 and torch.equal(filled[:13], idx) and filled[13:].tolist() == [10, 11]
+    assert S.fill_batches(torch.tensor([4]), 3).tolist() == [4, 4, 4]
+    assert torch.equal(S.fill_batches(idx[:10], 5), idx[:10])
 
 def test_spld_pixel_clusters_are_exact_below_the_memory_cap_and_projected_above_it():
-    """SPLD's groups (NOTES §4): per-class K-Means++ on the normalised pixels themselves while they fit max_bytes;
+    """SPLD's groups: per-class K-Means++ on the normalised pixels themselves while they fit max_bytes;
     above it, on a random projection, still one cluster set per class (ids c*k .. c*k + k − 1)."""
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(120) % 3
     x = (y.view(-1, 1, 1, 1) * 80 + torch.randint(0, 40, (120, 1, 6, 6), generator=gen)).to(torch.uint8)
-    data = {"x_train": x, "y_train": y, "mean": torch.full((1, 1, 1, 1), 0.4), "std": torch.full((1, 1, 1, 1), 0.3)}
+    data = {"x_train": x, "y_train": y, "mean": torch.full((1, 1, 1, 1), 0.4),
+            "std": torch.full((1, 1, 1, 1), 0.3)}
     exact = S.fixed_pixel_clusters(data, 4, 10, seed=1)
     pixels = S.to_input(x, data["mean"], data["std"]).flatten(1)
     assert torch.equal(exact, S.build_cluster_index(pixels, y, 4, 10, torch.Generator().manual_seed(1))[0])
@@ -837,22 +969,25 @@ def loop_inputs(sampler, n=500, **flags):
 
 
 def test_random_pace_trains_on_uniform_subsets_of_the_quantile_pace_size_without_scoring():
-    """--sampler random-pace (Wu et al.'s control, NOTES §10): from the second pass, round(f_t · N) distinct samples,
-    f_t = min(f_max, f0 (1+β1)^t), drawn uniformly (each sample's inclusion count over 400 draws is binomial:
-    chi-square over the samples); no scoring pass (net=None would fail), t_score 0."""
+    """--sampler random-pace (Wu et al.'s control, ICLR 2021): from the second pass, round(f_t · N) distinct
+    samples, f_t = min(f_max, f0 (1+β1)^t), drawn uniformly (each sample's inclusion count over 400 draws is
+    binomial: chi-square over the samples); no scoring pass (net=None would fail), t_score 0."""
     cfg, st, data = loop_inputs("random-pace", f0=0.3, f_max=0.8)
-    assert len(S.choose_pass(cfg, st, None, data, None, 0)["idx"]) == 500  # the first pass: every sample
+    selector = S.SPLDSelector(f0=0.3, f_max=0.8)
+    # the first pass: every sample
+    assert len(S.choose_samples(cfg, st, selector, None, data, None).idx) == 500
     sizes = []
     for t in range(15):
         st.passes = 1 + t
-        chosen = S.choose_pass(cfg, st, None, data, None, 0)
-        sizes.append(len(chosen["idx"]))
-        assert chosen["t_score"] == 0 and len(set(chosen["idx"].tolist())) == len(chosen["idx"])
-    assert sizes == [round(min(0.8, 0.3 * 1.1 ** t) * 500) for t in range(15)]
+        chosen = S.choose_samples(cfg, st, selector, None, data, None)
+        sizes.append(len(chosen.idx))
+        assert chosen.t_score == 0 and len(set(chosen.idx.tolist())) == len(chosen.idx)
+    assert sizes == [round(min(0.8, 0.3 * 1.1 ** t) * 500) for t in range(15)] and selector.t == 15
     torch.manual_seed(0)
     st.passes, counts = 1, torch.zeros(500)
     for _ in range(400):
-        counts[S.choose_pass(cfg, st, None, data, None, 0)["idx"]] += 1  # t = 0: 150 of 500
+        selector.t = 0
+        counts[S.choose_samples(cfg, st, selector, None, data, None).idx] += 1  # t = 0: 150 of 500
     chi2 = ((counts - 400 * 0.3) ** 2 / (400 * 0.3 * 0.7)).sum().item()
     assert 500 - 4 * math.sqrt(1000) < chi2 < 500 + 4 * math.sqrt(1000)  # about chi-square(499): sd 31.6
 
@@ -862,8 +997,8 @@ def cross_entropy(logits, y):
 
 
 def test_scores_for_eq2_are_float32_whatever_amp_says_where_bf16_logits_would_tie():
-    """--amp on: the selection is the one --amp off gives, on a case where bf16 logits tie (logits 8 + 1e-3 x: one
-    bf16 value, 40 float32 ones), where selecting on bf16 losses would break the ties by index instead."""
+    """--amp on: the selection is the one --amp off gives, on a case where bf16 logits tie (logits 8 + 1e-3 x:
+    one bf16 value, 40 float32 ones), where selecting on bf16 losses would break the ties by index instead."""
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     with torch.no_grad():
         net[1].weight.zero_()
@@ -879,15 +1014,241 @@ def test_scores_for_eq2_are_float32_whatever_amp_says_where_bf16_logits_would_ti
     picks = []
     for amp in ("on", "off"):
         cfg = dataclasses.replace(S.Config(), sampler="spl", amp=amp, score_batch=16, f0=0.5, batch_size=10)
-        picks.append(S.choose_pass(cfg, S.LoopState(100, S.Fraction(10), passes=1), net, data, None, 0)["idx"])
+        st = S.LoopState(100, S.Fraction(10), passes=1)
+        picks.append(S.choose_samples(cfg, st, S.SPLDSelector(f0=0.5), net, data, None).idx)
     assert torch.equal(picks[0], picks[1])
-    assert torch.equal(picks[0], (fp32 < torch.quantile(fp32, 0.5)).nonzero().flatten()) and len(picks[0]) == 20
+    assert (torch.equal(picks[0], (fp32 < torch.quantile(fp32, 0.5)).nonzero().flatten())
+            and len(picks[0]) == 20)
     one = torch.zeros(40, dtype=torch.long)
     assert not torch.equal(S.spld_select(bf16, one, torch.quantile(bf16, 0.5).item(), 0.0),
                            S.spld_select(fp32, one, torch.quantile(fp32, 0.5).item(), 0.0))
 
 
-# ---- 10-11. the training system, end to end on real Fashion-MNIST ----------------------------------------
+# ---- 9. SPL-ADVisE in your own loop: a Sampler (Alg. 2 steps 3-16) -----------------------------------------
+def toy_losses(n: int, n_groups: int, seed: int):
+    """Distinct per-sample losses (N,) and cluster ids (N,) from a fixed generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=g).mul(3), torch.randint(0, n_groups, (n,), generator=g)
+
+
+def reference_mask(losses, groups, t, f0=0.7, rho0=0.5, beta1=0.1, beta2=0.1, f_max=1.0):
+    """Eq. 2 at the pace of Alg. 2 step 16 for SPL iteration t, straight from the building blocks;
+    groups=None is plain SPL: one group, ρ0 = 0."""
+    if groups is None:
+        groups, rho0 = torch.zeros(len(losses), dtype=torch.long), 0.0
+    lam, gamma = S.spld_pace(losses, t, "quantile", f0, rho0, beta1, beta2, groups, f_max)
+    return S.spld_select(losses, groups, lam, gamma)
+
+
+@pytest.mark.parametrize("with_groups", [True, False])
+def test_sampler_yields_every_sample_then_exactly_the_samples_eq2_keeps_at_t(with_groups):
+    """Alg. 2: the first epoch trains on every sample; after select() number t + 1 the sampler yields exactly
+    Eq. 2's selection at the step-16 pace of iteration t (SPLD with groups, SPL without), once each."""
+    n = 40
+    sampler = S.SPLADVisESampler(range(n), seed=3)
+    assert sorted(sampler) == list(range(n))
+    for t in range(4):
+        losses, groups = toy_losses(n, 4, seed=t)
+        groups = groups if with_groups else None
+        mask = sampler.select(losses, groups)
+        want = reference_mask(losses, groups, t)
+        assert torch.equal(mask, want) and sampler.selector.t == t + 1
+        assert 0 < int(want.sum()) < n or t == 3  # the pace leaves samples out, so the check can fail
+        assert t == 0 or not torch.equal(want, reference_mask(losses, groups, t - 1))  # and t matters
+        assert sorted(sampler) == want.nonzero().flatten().tolist()
+
+
+def test_sampler_len_is_the_next_epochs_count_as_soon_as_select_returns():
+    """InfoBatch's sampler reported the previous epoch's length, so OneCycleLR(steps_per_epoch=len(loader))
+    overran (NUS-HPC-AI-Lab/InfoBatch#27): len(sampler) and len(loader) must count the epoch that follows
+    select(), for one or two ranks; fixed_length=True keeps N (⌈N / world⌉ per rank)."""
+    n = 41
+    losses, groups = toy_losses(n, 3, seed=0)
+    for world in (1, 2):
+        for fixed in (False, True):
+            sampler = S.SPLADVisESampler(range(n), num_replicas=world, rank=world - 1, fixed_length=fixed)
+            loader = torch.utils.data.DataLoader(range(n), batch_size=4, sampler=sampler)
+            sampler.select(losses, groups)
+            kept = int(reference_mask(losses, groups, 0).sum())
+            assert len(sampler) == math.ceil((n if fixed else kept) / world) == len(list(sampler))
+            assert len(loader) == len(list(loader))
+            assert kept < n
+
+
+def test_sampler_order_comes_from_seed_and_epoch_only_and_leaves_global_rngs_alone():
+    """The epoch's order is drawn from a private generator seeded from (seed, epoch): equal seeds and epochs
+    give one order, another epoch or seed another, and torch, NumPy and random states are never touched."""
+    n = 50
+    losses, groups = toy_losses(n, 4, seed=1)
+    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    orders = {}
+    for seed, epoch in [(0, 3), (0, 3), (0, 4), (1, 3), (1, 2)]:
+        sampler = S.SPLADVisESampler(range(n), seed=seed)
+        sampler.select(losses, groups)
+        sampler.set_epoch(epoch)
+        orders.setdefault((seed, epoch), []).append(list(sampler))
+    assert orders[(0, 3)][0] == orders[(0, 3)][1]
+    distinct = {tuple(o[0]) for o in orders.values()}
+    assert len(distinct) == 4  # (0, 3), (0, 4), (1, 3), (1, 2) all differ
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), np_state))
+    assert random.getstate() == py_state
+
+
+def test_sampler_resumes_from_state_dict_with_the_same_order_and_the_next_t():
+    """state_dict() holds the pace's t, the selection and the epoch: a fresh sampler loaded from it (through
+    torch.save / torch.load, as a checkpoint) yields the same sequence, and its next select() paces at the
+    next t (Alg. 2 step 16), as the original's does."""
+    n = 60
+    sampler = S.SPLADVisESampler(range(n), seed=7)
+    for t in range(2):
+        sampler.select(*toy_losses(n, 5, seed=10 + t))
+    sampler.set_epoch(5)
+    buffer = io.BytesIO()
+    torch.save(sampler.state_dict(), buffer)
+    resumed = S.SPLADVisESampler(range(n), seed=7)
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    assert list(resumed) == list(sampler) and len(resumed) == len(sampler) < n
+    losses, groups = toy_losses(n, 5, seed=20)
+    mask = resumed.select(losses, groups)
+    assert torch.equal(mask, sampler.select(losses, groups)) and resumed.selector.t == 3
+    assert torch.equal(mask, reference_mask(losses, groups, 2))
+    assert not torch.equal(mask, reference_mask(losses, groups, 0))  # t matters here, so the check can fail
+
+
+@pytest.mark.parametrize("fixed_length", [False, True])
+def test_two_ranks_get_equal_disjoint_shards_of_the_selection_up_to_padding(fixed_length):
+    """DistributedSampler's sharding of the selection: both ranks yield the same count, their union is the
+    selection, and only the padding to a multiple of the world size repeats an index (fixed_length: the
+    selection cycled to N, each index as often as another within one)."""
+    n = 41
+    losses, groups = toy_losses(n, 3, seed=2)
+    shards = []
+    for rank in (0, 1):
+        sampler = S.SPLADVisESampler(range(n), seed=5, num_replicas=2, rank=rank, fixed_length=fixed_length)
+        sampler.select(losses, groups)
+        sampler.set_epoch(2)
+        shards.append(list(sampler))
+    selected = reference_mask(losses, groups, 0).nonzero().flatten().tolist()
+    per_rank = math.ceil((n if fixed_length else len(selected)) / 2)
+    assert len(selected) % 2 == 1 and len(selected) < n  # odd, so one index must pad
+    assert len(shards[0]) == len(shards[1]) == per_rank
+    assert set(shards[0]) | set(shards[1]) == set(selected)
+    counts = sorted(collections.Counter(shards[0] + shards[1]).values())
+    if fixed_length:
+        assert counts[-1] - counts[0] <= 1 and sum(counts) == n + 1
+    else:
+        assert counts == [1] * (len(selected) - 1) + [2]
+        assert all(len(set(shard)) == len(shard) for shard in shards)
+
+
+def test_score_losses_is_float32_cross_entropy_in_dataset_order_in_eval_mode():
+    """Alg. 2 steps 5-6: each sample's cross-entropy, in dataset order over ragged batches, with dropout off
+    (eval mode) and the model's training mode restored after; an edit of the result in place works."""
+    data = toy_dataset(23)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 4))
+    losses = S.score_losses(model, data, batch_size=5)
+    assert model.training and losses.dtype == torch.float32 and losses.device.type == "cpu"
+    model.eval()
+    with torch.no_grad():
+        want = torch.stack([torch.nn.functional.cross_entropy(model(x[None]), y[None]) for x, y in data])
+    torch.testing.assert_close(losses, want, rtol=1e-5, atol=1e-6)
+    losses[0] = 0.0
+
+
+def toy_dataset(n: int):
+    """A tiny classification set: x (N, 6), y (N,) in 4 classes, from a fixed generator."""
+    g = torch.Generator().manual_seed(123)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)  # (N, 6), (N,)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def toy_model():
+    """Linear, BatchNorm (buffers DDP broadcasts) and Linear, initialised from a fixed seed."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 4))
+
+
+def ddp_worker(rank: int, world: int, port: int, out_dir: str):
+    """One rank of a 2-process gloo run: score one sample (rank 1's shard is empty), then all 37 (batch 6:
+    shards of 19 and 18 make 4 and 3 batches), then two DDP epochs with select() at epoch 1. Writes what it
+    saw to out_dir/rank{rank}.pt."""
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=40))
+    data = toy_dataset(37)
+    model = toy_model()
+    model.load_state_dict(torch.load(os.path.join(out_dir, "model.pt")))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    seen = {"one": S.score_losses(ddp, torch.utils.data.Subset(data, [0]))}  # rank 1 scores no sample
+    seen["losses0"] = S.score_losses(ddp, data, batch_size=6)
+    sampler = S.SPLADVisESampler(data, seed=0)
+    seen["world_rank"] = (sampler.world, sampler.rank)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler, drop_last=False)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        if epoch == 1:  # Alg. 2 steps 5-16
+            seen["losses1"] = S.score_losses(ddp, data, batch_size=6)
+            seen["mask"] = sampler.select(seen["losses1"], data.tensors[1])
+        seen[f"idx{epoch}"], seen[f"len{epoch}"] = list(sampler), len(loader)
+        steps = 0
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            steps += 1
+        seen[f"steps{epoch}"] = steps
+    seen["params"] = [p.detach().clone() for p in model.parameters()]
+    torch.distributed.destroy_process_group()
+    torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_score_select_and_train_alike_without_hanging(tmp_path):
+    """Under torch.distributed (gloo, 2 processes): score_losses gives both ranks all N losses of a single
+    process (also when a rank's shard is empty), both select the same Eq. 2 mask, shard it disjointly (up
+    to padding) and train 2 DDP epochs with equal step counts, ending with equal parameters, within 60 s."""
+    data, model = toy_dataset(37), toy_model()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    single = S.score_losses(model, data, batch_size=6)  # (N,) one process
+    args = (2, free_port(), str(tmp_path))
+    context = torch.multiprocessing.spawn(ddp_worker, args=args, nprocs=2, join=False)
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the 2-process gloo run did not finish within 60 s")
+    seen = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [s["world_rank"] for s in seen] == [(2, 0), (2, 1)]
+    for s in seen:  # the shards' batches differ from one process's, so float32 sums may round apart
+        torch.testing.assert_close(s["losses0"], single, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(s["one"], single[:1], rtol=1e-6, atol=1e-6)
+    assert torch.equal(seen[0]["losses0"], seen[1]["losses0"])
+    assert torch.equal(seen[0]["losses1"], seen[1]["losses1"])
+    assert torch.equal(seen[0]["mask"], seen[1]["mask"])
+    want = S.SPLDSelector().select(seen[0]["losses1"], data.tensors[1])
+    assert torch.equal(seen[0]["mask"], want) and 0 < int(want.sum()) < len(data)
+    for epoch, selected in [(0, set(range(len(data)))), (1, set(want.nonzero().flatten().tolist()))]:
+        shard0, shard1 = seen[0][f"idx{epoch}"], seen[1][f"idx{epoch}"]
+        assert len(shard0) == len(shard1) == math.ceil(len(selected) / 2)
+        assert set(shard0) | set(shard1) == selected
+        assert len(set(shard0) & set(shard1)) == 2 * len(shard0) - len(selected)
+        assert seen[0][f"steps{epoch}"] == seen[1][f"steps{epoch}"] == seen[0][f"len{epoch}"]
+    for p0, p1 in zip(seen[0]["params"], seen[1]["params"]):
+        assert torch.equal(p0, p1)
+
+
+# ---- 10-12. the training system, end to end on real Fashion-MNIST ----------------------------------------
 @needs_fmnist
 def test_process_mode_trains_while_the_embedding_child_publishes_new_indexes(tmp_path):
     """Alg. 2 step 2: the child trains in parallel and publishes indexes; the student reads several versions;
@@ -901,17 +1262,22 @@ def test_process_mode_trains_while_the_embedding_child_publishes_new_indexes(tmp
     keys = {"updates", "epoch", "train_loss", "test_acc", "selected_frac", "label_precision", "clusters_used",
             "embed_version", "embed_acc", "wall_s", "t_train", "t_score", "t_select", "t_embed", "t"}
     assert all(keys <= set(m) for m in metrics)
-    assert [m["updates"] for m in metrics] == sorted({m["updates"] for m in metrics}) and metrics[-1]["updates"] == 200
+    assert ([m["updates"] for m in metrics] == sorted({m["updates"] for m in metrics})
+            and metrics[-1]["updates"] == 200)
     assert metrics[0]["selected_frac"] == 1.0 and min(m["selected_frac"] for m in metrics) < 1.0
     summary = json.load(open(out / "summary.json"))
     assert summary["updates"] == 200 and summary["complete"] and summary["final_acc"] > 0.4
     assert summary["embed_cpu_s"] > 0 and summary["cpu_s"] > 0
     assert json.load(open(out / "config.json"))["sampler"] == "spladvise"
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
-    assert ckpt["state"]["updates"] == 200 and ckpt["embedding"]["net"] and ckpt["index"]["assign"].shape == (600,)
-    assert 0 < ckpt["state"]["embed_cpu_s"] <= summary["embed_cpu_s"]  # a resume keeps the live child's CPU time
+    assert ckpt["state"]["updates"] == 200 and ckpt["index"]["assign"].shape == (600,)
+    assert (ckpt["embedding"] is None
+            and torch.load(out / "embed_state.pt", weights_only=False)["net"])  # its own file
+    # a resume keeps the live child's CPU time
+    assert 0 < ckpt["state"]["embed_cpu_s"] <= summary["embed_cpu_s"]
     pid = int(r.stdout.split("[embedding] pid=")[1].split()[0])
-    assert not pid_alive(pid) and r.stdout.index("[embedding] pid=") < r.stdout.index("[student] device=")  # first
+    assert (not pid_alive(pid)
+            and r.stdout.index("[embedding] pid=") < r.stdout.index("[student] device="))  # first
 
 
 def warmup_iterations(epochs, n=600, magnet_batch=16):
@@ -920,10 +1286,10 @@ def warmup_iterations(epochs, n=600, magnet_batch=16):
 
 @needs_fmnist
 def test_the_student_never_waits_and_its_curriculum_starts_on_the_warmed_up_embedding(tmp_path):
-    """Alg. 2 step 2 in parallel: a warm-up (3 embedding epochs) that cannot finish within the first pass makes no
-    pass wait (t_embed < 1 s: reading the index only); the student trains on every sample until it arrives, the
-    curriculum starts at a later pass (t = 0 there), and every curriculum pass selects on an index from after the
-    warm-up, judged on the test set."""
+    """Alg. 2 step 2 in parallel: a warm-up (3 embedding epochs) that cannot finish within the first pass
+    makes no pass wait (t_embed < 1 s: reading the index only); the student trains on every sample until it
+    arrives, the curriculum starts at a later pass (t = 0 there), and every curriculum pass selects on an
+    index from after the warm-up, judged on the test set."""
     out = tmp_path / "process"
     r = cli(TINY + ["--updates", "200", "--embed-warmup", "3", "--refresh", "10", "--f0", "0.3"], out)
     assert r.returncode == 0, r.stderr
@@ -931,7 +1297,8 @@ def test_the_student_never_waits_and_its_curriculum_starts_on_the_warmed_up_embe
     assert all(m["t_embed"] < 1 and m["t_embed_train"] == 0 for m in metrics), [m["t_embed"] for m in metrics]
     start = json.load(open(out / "summary.json"))["curriculum_start"]
     assert start >= 2 and f"curriculum starts at pass {start + 1}" in r.stdout
-    handover = re.search(r"warm-up index out \(iteration (\d+)\); the student now uses", r.stdout)  # its cores
+    handover = re.search(r"warm-up index out \(iteration (\d+)\); the student now uses",  # its cores
+                         r.stdout)
     assert handover and int(handover[1]) >= warmup_iterations(3)
     assert all(m["selected_frac"] == 1 and m["t"] is None for m in metrics[:start])
     curriculum = metrics[start:]
@@ -943,7 +1310,8 @@ def test_the_student_never_waits_and_its_curriculum_starts_on_the_warmed_up_embe
 @needs_fmnist
 def test_inline_mode_trains_the_warm_up_itself_as_work_and_selects_from_the_second_pass(tmp_path):
     out = tmp_path / "inline"
-    r = cli(TINY + ["--updates", "60", "--embed-warmup", "3", "--refresh", "10", "--embed-mode", "inline"], out)
+    r = cli(TINY + ["--updates", "60", "--embed-warmup", "3", "--refresh", "10", "--embed-mode", "inline"],
+            out)
     assert r.returncode == 0, r.stderr
     metrics = read_metrics(out)
     assert metrics[1]["t_embed_train"] > 0 and all(m["t_embed"] == 0 for m in metrics)
@@ -956,7 +1324,8 @@ def test_a_warm_up_that_never_arrives_leaves_random_sampling_and_says_so(tmp_pat
     r = cli(TINY + ["--updates", "20", "--embed-warmup", "1000"], out)
     assert r.returncode == 0, r.stderr
     summary = json.load(open(out / "summary.json"))
-    assert summary["curriculum_start"] is None and "random sampling" in summary["note"] and "random sampling" in r.stdout
+    assert (summary["curriculum_start"] is None and "random sampling" in summary["note"]
+            and "random sampling" in r.stdout)
     assert "the student now uses" not in r.stdout  # it kept half the cores: the child never throttled
     assert all(m["selected_frac"] == 1 and m["t_score"] == 0 for m in read_metrics(out))
 
@@ -974,11 +1343,12 @@ def test_refresh_minus_1_freezes_the_index_after_the_warmup(tmp_path, mode):
     """--refresh -1 (the authors' schedule): every selection uses the one index published at the end of the
     warm-up; in process mode the child is stopped once the student has it."""
     out = tmp_path / mode
-    r = cli(TINY + ["--updates", "150" if mode == "process" else "60", "--embed-warmup", "1", "--refresh", "-1",
-                    "--f0", "0.3", "--embed-mode", mode], out)
+    r = cli(TINY + ["--updates", "150" if mode == "process" else "60", "--embed-warmup", "1",
+                    "--refresh", "-1", "--f0", "0.3", "--embed-mode", mode], out)
     assert r.returncode == 0, r.stderr
     metrics = read_metrics(out)
-    used = {(m["embed_version"], m["embed_iter"]) for m in metrics if m["t"] is not None}  # every curriculum pass
+    # every curriculum pass
+    used = {(m["embed_version"], m["embed_iter"]) for m in metrics if m["t"] is not None}
     assert used == {(2, warmup_iterations(1))}, used  # version 1 is the untrained net's, 2 the warm-up's
     assert any(m["selected_frac"] < 1 for m in metrics)
     assert mode == "inline" or "the index is frozen" in r.stdout
@@ -986,8 +1356,9 @@ def test_refresh_minus_1_freezes_the_index_after_the_warmup(tmp_path, mode):
 
 @needs_fmnist
 def test_after_the_curriculum_no_scoring_and_the_child_has_exited_while_the_student_trains(tmp_path):
-    """No wasted work: once f_t ≥ 1 (f0 = 0.9, β1 = 0.1: from t = 2), passes do no scoring pass, and the embedding
-    child is stopped (its pid gone) before the last selecting pass (t = 1) trains, while the student goes on."""
+    """No wasted work: once f_t ≥ 1 (f0 = 0.9, β1 = 0.1: from t = 2), passes do no scoring pass, and the
+    embedding child is stopped (its pid gone) before the last selecting pass (t = 1) trains, while the student
+    goes on."""
     out = tmp_path / "run"
     proc = start(TINY + ["--updates", "300", "--f0", "0.9", "--embed-warmup", "0.5"], out)
     pid = int(wait_for_line(proc, "[embedding] pid=", 60).split("pid=")[1].split()[0])
@@ -1001,7 +1372,8 @@ def test_after_the_curriculum_no_scoring_and_the_child_has_exited_while_the_stud
     assert metrics[last - 1]["t"] == 1 and metrics[last - 1]["t_score"] > 0  # it scored and selected
     assert all(m["t_score"] == 0 and m["selected_frac"] == 1 for m in metrics[last:])
     resumed = cli(TINY + ["--updates", "300", "--f0", "0.9", "--embed-warmup", "0.5", "--resume"], out)
-    assert resumed.returncode == 0 and "[embedding] pid=" not in resumed.stdout, resumed.stdout  # not respawned
+    # not respawned
+    assert resumed.returncode == 0 and "[embedding] pid=" not in resumed.stdout, resumed.stdout
     metrics = read_metrics(out)
     selecting = [i for i, m in enumerate(metrics) if m["selected_frac"] < 1]
     assert len(selecting) == 2 and selecting[1] == selecting[0] + 1 and metrics[selecting[0]]["t"] == 0
@@ -1016,8 +1388,8 @@ def test_after_the_curriculum_no_scoring_and_the_child_has_exited_while_the_stud
 
 
 def test_next_refresh_follows_r_and_ends_the_warmup_exactly():
-    """The refresh schedule shared by the child and inline mode: every R iterations, once at the warm-up's end,
-    and with R = -1 only at the warm-up's end."""
+    """The refresh schedule shared by the child and inline mode: every R iterations, once at the warm-up's
+    end, and with R = -1 only at the warm-up's end."""
     points, it = [], 0
     while (it := S.next_refresh(it, 10, 25)) is not None and it <= 50:
         points.append(it)
@@ -1032,7 +1404,8 @@ def comparable(metrics):
 
 @needs_fmnist
 def test_inline_mode_with_one_seed_gives_identical_metrics(tmp_path):
-    """Determinism: --embed-mode inline, same seed -> byte-identical metrics.jsonl apart from wall-clock fields."""
+    """Determinism: --embed-mode inline, same seed -> byte-identical metrics.jsonl apart from wall-clock
+    fields."""
     runs = [cli(TINY + ["--updates", "30", "--embed-mode", "inline", "--refresh", "3"], tmp_path / f"r{i}")
             for i in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
@@ -1042,11 +1415,12 @@ def test_inline_mode_with_one_seed_gives_identical_metrics(tmp_path):
 
 @needs_fmnist
 def test_amp_embed_puts_only_the_embedding_in_bf16(tmp_path):
-    """--amp embed: the embedding's indexes differ from float32's, while the student's first pass (every sample,
-    before any index is used) is float32's to the last digit; --amp on changes that pass too."""
+    """--amp embed: the embedding's indexes differ from float32's, while the student's first pass (every
+    sample, before any index is used) is float32's to the last digit; --amp on changes that pass too."""
     metrics = {}
     for amp in ("off", "embed", "on"):
-        r = cli(TINY + ["--updates", "30", "--embed-mode", "inline", "--refresh", "3", "--amp", amp], tmp_path / amp)
+        r = cli(TINY + ["--updates", "30", "--embed-mode", "inline", "--refresh", "3", "--amp", amp],
+                tmp_path / amp)
         assert r.returncode == 0, r.stderr
         metrics[amp] = read_metrics(tmp_path / amp)
     first = {amp: (rows[0]["train_loss"], rows[0]["test_acc"]) for amp, rows in metrics.items()}
@@ -1058,8 +1432,8 @@ def test_amp_embed_puts_only_the_embedding_in_bf16(tmp_path):
 @needs_fmnist
 @pytest.mark.parametrize("sampler", ["spld", "spl", "random"])
 def test_each_baseline_sampler_runs(tmp_path, sampler):
-    """§4 baselines: SPLD's pixel clusters are fixed once (the index never changes), SPL uses one group, Random
-    trains on every sample every pass."""
+    """§4 baselines: SPLD's pixel clusters are fixed once (the index never changes), SPL uses one group,
+    Random trains on every sample every pass."""
     out = tmp_path / sampler
     r = cli(TINY + ["--updates", "30", "--sampler", sampler], out)
     assert r.returncode == 0, r.stderr
@@ -1068,7 +1442,8 @@ def test_each_baseline_sampler_runs(tmp_path, sampler):
     if sampler == "spld":
         assert {m["embed_version"] for m in read_metrics(out)} == {0}
         cfg = S.resolve_config(S.parse_args(TINY + ["--updates", "30", "--sampler", "spld"]))
-        fixed = S.fixed_pixel_clusters(S.prepare_data(cfg, torch.device("cpu")), cfg.k, cfg.kmeans_iters, cfg.seed)
+        fixed = S.fixed_pixel_clusters(S.prepare_data(cfg, torch.device("cpu")), cfg.k, cfg.kmeans_iters,
+                                       cfg.seed)
         assert torch.equal(torch.load(out / "ckpt.pt", weights_only=False)["index"]["assign"], fixed)
         assert all(m["clusters_used"] > 1 for m in later)
     if sampler == "spl":
@@ -1079,8 +1454,8 @@ def test_each_baseline_sampler_runs(tmp_path, sampler):
 
 @needs_fmnist
 def test_infobatch_trains_random_s_epochs_in_fewer_updates(tmp_path):
-    """--sampler infobatch: the epochs random trains for (8), the first and the last (δ = 0.875) passes on every
-    sample, the ones between pruned; fewer updates, the LR milestone (0.7) at 70 % of the epochs."""
+    """--sampler infobatch: the epochs random trains for (8), the first and the last (δ = 0.875) passes on
+    every sample, the ones between pruned; fewer updates, the LR milestone (0.7) at 70 % of the epochs."""
     out = tmp_path / "infobatch"
     r = cli(TINY + ["--epochs", "8", "--sampler", "infobatch", "--milestones", "0.7"], out)
     assert r.returncode == 0, r.stderr
@@ -1094,21 +1469,91 @@ def test_infobatch_trains_random_s_epochs_in_fewer_updates(tmp_path):
 
 @needs_fmnist
 def test_max_minutes_stops_cleanly_and_resume_finishes_the_same_budget(tmp_path):
-    """--max-minutes ends with a checkpoint and summary; --resume continues to the same number of updates as an
-    uninterrupted run."""
+    """--max-minutes ends with a checkpoint and summary; --resume continues to the same number of updates as
+    an uninterrupted run."""
     out = tmp_path / "run"
     args = TINY + ["--updates", "300", "--sampler", "random"]  # about 15 s of updates on 2 cores
     first = cli(args + ["--max-minutes", "0.05"], out)
     assert first.returncode == 0, first.stderr
     stopped = json.load(open(out / "summary.json"))
     assert not stopped["complete"] and 0 < stopped["updates"] < 300 and stopped["wall_s"] < 3 + 3
-    assert f"ended at update {stopped['updates']} of 300; continue it with the same flags and --resume" in first.stdout
+    assert (f"ended at update {stopped['updates']} of 300; continue it with the same flags and --resume"
+            in first.stdout)
     resumed = cli(args + ["--resume"], out)
     assert resumed.returncode == 0, resumed.stderr
     assert json.load(open(out / "summary.json"))["updates"] == 300
     updates = [m["updates"] for m in read_metrics(out)]
     assert updates == sorted(set(updates)) and updates[-1] == 300
 
+
+@needs_fmnist
+def test_a_budget_shorter_than_the_start_up_still_trains_and_checkpoints_the_first_pass(tmp_path):
+    """--max-minutes never stops the first pass: a process-mode SPL-ADVisE run whose budget (0.6 s) is shorter
+    than its start-up leaves a checkpoint of one whole pass, says to resume, and --resume finishes the same
+    budget."""
+    out = tmp_path / "run"
+    first = cli(TINY + ["--updates", "60", "--max-minutes", "0.01"], out)
+    assert first.returncode == 0, first.stderr
+    stopped = json.load(open(out / "summary.json"))
+    # 600 / 64: 10 updates
+    assert not stopped["complete"] and stopped["updates"] == 10 and stopped["checkpoint"]
+    assert "continue it with the same flags and --resume" in first.stdout
+    resumed = cli(TINY + ["--updates", "60", "--resume"], out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.load(open(out / "summary.json"))["updates"] == 60
+
+
+@needs_fmnist
+def test_the_noisy_validation_split_is_held_out_and_early_stopping_reports_the_test_accuracy_at_its_best(
+        tmp_path):
+    """--val-size: a class-balanced split of noisy labels, the same for every seed and sampler, held out of
+    training; the test set is still evaluated; summary's early_stopped_acc is the test accuracy at the best
+    validation pass."""
+    args = TINY + ["--updates", "40", "--label-noise", "0.4", "--val-size", "100", "--sampler", "random"]
+    cfg = S.resolve_config(S.parse_args(args))
+    data = S.prepare_data(cfg, torch.device("cpu"))
+    other = S.prepare_data(dataclasses.replace(cfg, seed=3, sampler="spl"), torch.device("cpu"))
+    assert torch.equal(data["x_val"], other["x_val"]) and torch.equal(data["y_val"], other["y_val"])
+    train_images = {bytes(x.numpy()) for x in data["x_train"]}
+    assert not any(bytes(x.numpy()) in train_images for x in data["x_val"]) and len(data["y_test"]) == 300
+    r = cli(args, tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    metrics, summary = read_metrics(tmp_path / "run"), json.load(open(tmp_path / "run" / "summary.json"))
+    best = max(range(len(metrics)), key=lambda i: (metrics[i]["val_acc"], -i))  # the first best
+    assert (summary["early_stopped_acc"] == metrics[best]["test_acc"]
+            and summary["final_acc"] == metrics[-1]["test_acc"])
+
+
+@needs_fmnist
+def test_f_max_auto_estimates_the_clean_share_of_a_noisy_real_run(tmp_path):
+    """--f-max auto at 40 % symmetric noise: the clean share estimated from the losses at the curriculum's
+    start is within 0.1 of the true share, logged every pass, in the summary, and the cap holds at it."""
+    args = TINY + ["--train-size", "1000", "--updates", "45", "--label-noise", "0.4", "--sampler", "spl",
+                   "--f-max", "auto"]
+    r = cli(args, tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    data = S.prepare_data(S.resolve_config(S.parse_args(args)), torch.device("cpu"))
+    truth = (data["y_train"] == data["y_clean"]).double().mean().item()
+    estimate = json.load(open(tmp_path / "run" / "summary.json"))["clean_share_estimate"]
+    assert abs(estimate - truth) < 0.1, (estimate, truth)
+    selecting = [m for m in read_metrics(tmp_path / "run") if m["t"] is not None]
+    assert selecting and all(m["clean_share_estimate"] == estimate and m["selected_frac"] <= estimate + 1e-3
+                             for m in selecting)
+
+
+@needs_fmnist
+def test_every_run_prints_the_command_that_repeats_it(tmp_path):
+    """The [command] line names every value the presets filled in, so running it elsewhere repeats the run."""
+    r = cli(TINY + ["--updates", "10", "--sampler", "random"], tmp_path / "a")
+    command = next(line for line in r.stdout.splitlines()
+                   if line.startswith("[command] "))[len("[command] "):]
+    argv = command.split()[2:]
+    assert (command.startswith("python spladvise.py ") and "--preset cpu" in command
+            and "--embed-net lenet-16" in command)
+    again = S.resolve_config(S.parse_args(argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]))
+    first = json.load(open(tmp_path / "a" / "config.json"))
+    assert ({k: v for k, v in dataclasses.asdict(again).items() if k != "out"}
+            == {k: v for k, v in first.items() if k != "out"})
 
 @needs_fmnist
 def test_runs_writes_mean_and_std_of_the_per_seed_summaries(tmp_path):
@@ -1121,7 +1566,8 @@ def test_runs_writes_mean_and_std_of_the_per_seed_summaries(tmp_path):
     assert agg["final_acc"]["mean"] == pytest.approx(np.mean(finals))
     assert agg["final_acc"]["std"] == pytest.approx(np.std(finals, ddof=1)) and agg["final_acc"]["n"] == 2
     last = [read_metrics(out / f"seed-{s}")[-1]["test_acc"] for s in (5, 6)]
-    assert agg["curve"]["updates"][-1] == 20 and agg["curve"]["test_acc_mean"][-1] == pytest.approx(np.mean(last))
+    assert (agg["curve"]["updates"][-1] == 20
+            and agg["curve"]["test_acc_mean"][-1] == pytest.approx(np.mean(last)))
 
 
 def plots_or_exit_2(argv, out, capsys, monkeypatch):
@@ -1146,32 +1592,35 @@ def plots_or_exit_2(argv, out, capsys, monkeypatch):
 
 @needs_fmnist
 def test_plot_draws_the_accuracy_curves_and_the_embedding_of_a_runs_folder(tmp_path, capsys, monkeypatch):
-    """--plot with --runs 2: curves.png from aggregate.json, embedding.png from the first seed's snapshots (one
-    per judged index, 50 test images of each class); --plot --out DIR redraws them without training."""
+    """--plot with --runs 2: curves.png from aggregate.json, embedding.png from the first seed's snapshots
+    (one per judged index, 50 test images of each class); --plot --out DIR redraws them without training."""
     out = tmp_path / "runs"
-    plots_or_exit_2(TINY + ["--updates", "40", "--runs", "2", "--plot", "--embed-mode", "inline"], out, capsys,
-                    monkeypatch)
+    plots_or_exit_2(TINY + ["--updates", "40", "--runs", "2", "--plot", "--embed-mode", "inline"], out,
+                    capsys, monkeypatch)
     snapshots = sorted((out / "seed-0" / "embeddings").glob("v*.pt"))
     assert len(snapshots) >= 2
     first = torch.load(snapshots[0], weights_only=False)
-    assert first["emb"].shape == (300, 8) and torch.equal(torch.bincount(first["labels"]), torch.full((10,), 30))
+    assert (first["emb"].shape == (300, 8)
+            and torch.equal(torch.bincount(first["labels"]), torch.full((10,), 30)))
 
 
 def test_bench_table_and_curves_show_what_each_row_cost_and_selected(tmp_path, capsys):
-    """Benchmark rendering on made-up runs: accuracy mean ± std over seeds, updates to reach random's final, the
-    update where the curriculum started, the label precision of its curriculum passes, seconds per 1,000 updates
-    against random with the per-phase split and the embedding's CPU share; the curves stop where InfoBatch's runs
-    stopped (nothing measured after); --plot draws them from bench.json."""
+    """Benchmark rendering on made-up runs: accuracy mean ± std over seeds, updates to reach random's final,
+    the update where the curriculum started, the label precision of its curriculum passes, seconds per 1,000
+    updates against random with the per-phase split and the embedding's CPU share; the curves stop where
+    InfoBatch's runs stopped (nothing measured after); --plot draws them from bench.json."""
     def run(updates_per_pass, acc, wall_per_update, start=None, precision=1.0):
         u = np.cumsum(updates_per_pass)
-        return [{"updates": int(x), "test_acc": acc * x / u[-1], "wall_s": wall_per_update * x, "t_train": 0.5,
-                 "t_score": 0.25 if start is not None and i >= start else 0.0, "t_select": 0.0, "t_embed": 0.0,
+        return [{"updates": int(x), "test_acc": acc * x / u[-1], "wall_s": wall_per_update * x,
+                 "t_train": 0.5, "t_score": 0.25 if start is not None and i >= start else 0.0,
+                 "t_select": 0.0, "t_embed": 0.0,
                  "t": None if start is None or i < start else i - start, "label_precision": precision if start
                  is not None and i >= start else 0.6, "selected_frac": 1.0, "embed_acc": None}
                 for i, x in enumerate(u)]
     metrics = {"random": [run([10] * 8, 0.8, 1.0), run([10] * 8, 0.9, 1.0)],
                "spl": [run([10] * 8, 0.9, 2.0, start=2, precision=0.9), run([10] * 8, 0.9, 2.0, 3, 0.8)],
-               "infobatch": [run([10, 6, 6, 6, 6, 6, 6, 10], 0.8, 1.0), run([10, 7, 7, 7, 7, 7, 7, 10], 0.8, 1.0)]}
+               "infobatch": [run([10, 6, 6, 6, 6, 6, 6, 10], 0.8, 1.0),
+                             run([10, 7, 7, 7, 7, 7, 7, 10], 0.8, 1.0)]}
     for row, runs in metrics.items():
         for seed, m in enumerate(runs):
             folder = tmp_path / row / f"seed-{seed}"
@@ -1184,21 +1633,23 @@ def test_bench_table_and_curves_show_what_each_row_cost_and_selected(tmp_path, c
                 "embed_cpu_s": 10.0 if start else 0.0}))
     results = {row: S.aggregate_runs([str(tmp_path / row / f"seed-{s}") for s in (0, 1)]) for row in metrics}
     table = S.bench_table(results).splitlines()
-    assert table[2].startswith("| random | 0.8500 ± 0.0707 | 0.8500 ± 0.0707 | 80 (1/2) | — | 0.600 | 1000.0 (1.00) |"
-                               " 50.0 | 0.0 | 0.0 | 0.0 | 0.00 | — | — |"), table[2]
-    # spl: random's 0.85 at 80 updates (0.9 · 76/80 ≥ 0.85 first at 80), curriculum from updates 20 and 30, its passes'
-    # precision 0.9 and 0.8, twice random's wall time, scoring 0.25 s on 6 and 5 of 8 passes, CPU share 10 / 40
-    assert table[3] == ("| spl | 0.9000 ± 0.0000 | 0.9000 ± 0.0000 | 80 (2/2) | 25 | 0.850 | 2000.0 (2.00) | 50.0 | "
-                        "17.2 | 0.0 | 0.0 | 0.25 | — | — |"), table[3]
+    assert table[2] == ("| random | 0.8500 ± 0.0707 | 0.8500 ± 0.0707 | — | 80 (1/2) | 80 | — | 0.600 | — | "
+                        "1000.0 (1.00) | 50.0 | 0.0 | 0.0 | 0.0 | 0.00 | — | — |"), table[2]
+    # spl: random's 0.85 at 80 updates (0.9 · 76/80 ≥ 0.85 first at 80), curriculum from updates 20 and 30,
+    # its passes' precision 0.9 and 0.8, twice random's wall time, scoring 0.25 s on 6 and 5 of 8 passes,
+    # CPU share 10 / 40
+    assert table[3] == ("| spl | 0.9000 ± 0.0000 | 0.9000 ± 0.0000 | — | 80 (2/2) | 160 | 25 | 0.850 | — | "
+                        "2000.0 (2.00) | 50.0 | 17.2 | 0.0 | 0.0 | 0.25 | — | — |"), table[3]
     assert table[4].startswith("| infobatch |") and "| 1000.0 (1.00) |" in table[4]
     curve = results["infobatch"]["curve"]
     measured = [u for u, a in zip(curve["updates"], curve["test_acc_mean"]) if not math.isnan(a)]
     assert measured[-1] == 56 and curve["updates"][-1] == 80  # after 56 (the shorter seed's end): nothing
-    (tmp_path / "bench.json").write_text(json.dumps({"results": {row: {k: v for k, v in r.items() if k != "metrics"}
-                                                                  for row, r in results.items()}}))
+    (tmp_path / "bench.json").write_text(json.dumps({"results": {
+        row: {k: v for k, v in r.items() if k != "metrics"} for row, r in results.items()}}))
     curves = S.accuracy_curves(str(tmp_path))
     assert curves["infobatch"][0][-1] == measured[-1] and curves["random"][0][-1] == 80
-    assert curves["random"][1][-1] == pytest.approx(0.85) and curves["random"][2][-1] == pytest.approx(0.0707, 1e-3)
+    assert (curves["random"][1][-1] == pytest.approx(0.85)
+            and curves["random"][2][-1] == pytest.approx(0.0707, 1e-3))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -1208,37 +1659,49 @@ def test_bench_table_and_curves_show_what_each_row_cost_and_selected(tmp_path, c
 
 
 def test_bench_regimes_are_data_and_every_spl_row_paces_as_the_authors_code():
-    """The benchmark's rows are flags on Config: the regimes share the six rows (random, random-pace, spl, spld,
-    spladvise, infobatch); the noisy one adds 40 % symmetric noise and the rows capped at f_max = 1 − 0.4; the short one
-    a quarter of the budget; no row changes the pacing, which stays at the authors' f0 = 0.7, β = 0.1 (NOTES §8)."""
+    """The benchmark's rows are flags on Config: the clean, noisy and short regimes share the six rows
+    (random, random-pace, spl, spld, spladvise, infobatch); the noisy one adds 40 % symmetric noise and the
+    rows capped at f_max = 1 − 0.4; the short one a quarter of the budget; the memorising ones turn
+    augmentation off, hold out a 10 % noisy validation split and cap at 1 − ε, 1 − 1.25ε and auto; no row
+    changes the pacing, which stays at the authors' f0 = 0.7, β = 0.1."""
     common = {"random", "random-pace", "spl", "spld", "spladvise", "infobatch"}
-    assert all(common <= set(rows) for _, _, rows in S.BENCH_REGIMES.values())
+    assert all(common <= set(S.BENCH_REGIMES[r][2]) for r in ("clean", "noisy", "short"))
     factor, change, rows = S.BENCH_REGIMES["noisy"]
     assert change == {"label_noise": 0.4} and {r["f_max"] for r in rows.values() if "f_max" in r} == {0.6}
     assert S.BENCH_REGIMES["short"][0] == 0.25 and S.BENCH_REGIMES["clean"][0] == 1
+    factor, change, rows = S.BENCH_REGIMES["memorise"]
+    assert (factor is None and change["augment"] == "none" and change["val_size"] == 500
+            and change["updates"] > 400)
+    assert {r.get("f_max") for r in rows.values()} == {None, 0.6, 0.5, "auto"} and "small-loss" in rows
+    assert all(rows[r].get("runs", 5) == 5 for r in ("random", "spladvise-fmax0.6", "spladvise-fmax0.5"))
+    change = S.BENCH_REGIMES["memorise-pairflip"][1]
+    assert change["noise_kind"] == "pairflip" and change["label_noise"] == 0.45
     for _, change, rows in S.BENCH_REGIMES.values():
         for flags in [change, *rows.values()]:
-            cfg = dataclasses.replace(S.Config(), **flags)
+            cfg = dataclasses.replace(S.Config(), **{k: v for k, v in flags.items() if k != "runs"})
             assert (cfg.f0, cfg.beta1, cfg.beta2, cfg.rho0) == (0.7, 0.1, 0.1, 0.5)
 
 
 @needs_fmnist
 def test_bench_stopped_mid_run_resumes_that_run_and_reuses_every_finished_one(tmp_path, monkeypatch, capsys):
-    """A benchmark cut short (here after the first pass of its first run) and started again resumes that run from
-    its checkpoint, trains the rest seed by seed across the rows, and a third start trains nothing: every finished
-    run is reused."""
+    """A benchmark cut short (here after the first pass of its first run) and started again resumes that run
+    from its checkpoint, trains the rest seed by seed across the rows, and a third start trains nothing: every
+    finished run is reused."""
     monkeypatch.setattr(S, "BENCH_REGIMES", {"clean": (1, {}, {"random": dict(sampler="random"),
                                                                 "spl": dict(sampler="spl")})})
     cfg = S.resolve_config(S.parse_args(TINY + ["--updates", "20", "--bench", "--runs", "2", "--out",
                                                 str(tmp_path)]))
     first = tmp_path / "clean" / "random" / "seed-0"
     S.run_bench(cfg, stop_requested=lambda: (first / "ckpt.pt").exists())
-    assert not json.load(open(first / "summary.json"))["complete"] and not (tmp_path / "clean" / "spl").exists()
+    assert (not json.load(open(first / "summary.json"))["complete"]
+            and not (tmp_path / "clean" / "spl").exists())
     calls, train = [], S.train
-    monkeypatch.setattr(S, "train", lambda run, stop: calls.append((run.run_dir, run.resume)) or train(run, stop))
+    monkeypatch.setattr(S, "train",
+                        lambda run, stop: calls.append((run.run_dir, run.resume)) or train(run, stop))
     results = S.run_bench(cfg)
+    # seed by seed
     assert calls == [(str(first), True), *((str(tmp_path / "clean" / row / f"seed-{s}"), False)
-                                           for s, row in ((0, "spl"), (1, "random"), (1, "spl")))]  # seed by seed
+                                           for s, row in ((0, "spl"), (1, "random"), (1, "spl")))]
     assert read_metrics(first)[-1]["updates"] == 20 and results["clean"]["spl"]["final_acc"]["n"] == 2
     table = (tmp_path / "bench.md").read_text()
     calls.clear()
@@ -1250,11 +1713,12 @@ def test_bench_stopped_mid_run_resumes_that_run_and_reuses_every_finished_one(tm
 @needs_fmnist
 def test_paper_preset_with_amp_runs_on_the_cpu_in_process_mode_and_resumes(tmp_path):
     """The GPU command's code path, on the CPU: --preset paper (ResNet-18 student, LeNet embedding, flips and
-    rotations), the embedding child, bf16 autocast (--amp on) everywhere it applies; stopped by SIGINT after its first
-    pass and resumed to the same budget from a checkpoint loaded to the CPU."""
+    rotations), the embedding child, bf16 autocast (--amp on) everywhere it applies; stopped by SIGINT after
+    its first pass and resumed to the same budget from a checkpoint loaded to the CPU."""
     out = tmp_path / "paper"
-    args = ["--dataset", "fashionmnist", "--preset", "paper", "--gpu", "-1", "--data-dir", FMNIST, "--no-download",
-            "--train-size", "300", "--test-size", "100", "--batch-size", "32", "--score-batch", "128", "--k", "3",
+    args = ["--dataset", "fashionmnist", "--preset", "paper", "--gpu", "-1", "--data-dir", FMNIST,
+            "--no-download", "--train-size", "300", "--test-size", "100", "--batch-size", "32",
+            "--score-batch", "128", "--k", "3",
             "--m", "4", "--d", "4", "--embed-warmup", "0.5", "--updates", "24", "--amp", "on", "--f0", "0.5"]
     first = start(args, out)
     wait_for_line(first, "[embedding] pid=", 60)
@@ -1279,11 +1743,72 @@ def test_compile_trains_a_tiny_run(tmp_path):
     assert json.load(open(tmp_path / "run" / "summary.json"))["complete"]
 
 
+def test_the_scoring_pass_for_eq2_runs_with_tf32_off_and_restores_it():
+    """cuDNN's TF32 (on by default for convolutions on Ampere and later) is off while Eq. 2's losses are
+    computed, and back as it was afterwards."""
+    seen, forward = [], S.forward_all
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    data = {"x_train": torch.zeros(6, 1, 2, 2, dtype=torch.uint8),
+            "y_train": torch.zeros(6, dtype=torch.long), "mean": torch.zeros(1, 1, 1, 1),
+            "std": torch.ones(1, 1, 1, 1)}
+    previous = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        S.forward_all = lambda *args, **kw: (seen.append(torch.backends.cudnn.allow_tf32)
+                                             or forward(*args, **kw))
+        assert S.training_losses(net, data, 4).shape == (6,)
+    finally:
+        S.forward_all = forward
+        flag_after, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, previous
+    assert seen == [False] and flag_after is True
+
+
+def test_a_cpu_child_for_a_cuda_student_checks_the_shared_memory_it_needs(monkeypatch):
+    """--embed-gpu -1 with a CUDA student puts the training set in /dev/shm (Docker's default: 64 MB): too
+    little space is refused before training, naming the space, the need and --embed-mode inline."""
+    cfg = dataclasses.replace(S.Config(), gpu="cuda:0", embed_gpu="cpu", batch_size=4, k=2, m=2)
+    data = {"x_train": torch.zeros(100, 1, 28, 28, dtype=torch.uint8), "y_train": torch.arange(100) % 10}
+    monkeypatch.setattr(S.shutil, "disk_usage", lambda path: collections.namedtuple("u", "total used free")(
+        2 ** 20, 2 ** 20 - 1000, 1000))
+    with pytest.raises(S.ConfigError, match=r"/dev/shm.*--embed-mode inline"):
+        S.check_against_data(cfg, data)
+    S.check_against_data(dataclasses.replace(cfg, embed_mode="inline"), data)  # inline needs no shared memory
+
+
+def test_a_child_dead_before_publishing_names_the_allocator_setting_that_breaks_cuda_ipc(monkeypatch):
+    """With PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA IPC fails in many containers: the death
+    message names that setting instead of exclusive-process mode, and always names --embed-mode inline."""
+    stub = type("Stub", (), {})()  # what death_cause reads of an EmbeddingProcess: no message, exit code 1
+    stub.errors = queue.Queue()
+    stub.proc = type("P", (), {"exitcode": 1})()
+    stub.shared = {"status": torch.zeros(len(S.STATUS), dtype=torch.float64)}
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    cause = S.EmbeddingProcess.death_cause(stub)
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in cause and "--embed-mode inline" in cause
+    assert "exclusive-process" not in cause
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert "exclusive-process" in S.EmbeddingProcess.death_cause(stub)
+
+
+@needs_fmnist
+def test_a_refresh_stops_between_its_chunks_once_asked_and_publishes_nothing(tmp_path):
+    """The child checks its stop flag inside a refresh (after embedding and clustering the training set, after
+    the test embedding): a stopped refresh returns no index, so nothing is published or saved after a stop."""
+    cfg = S.resolve_config(S.parse_args(TINY + ["--updates", "5", "--out", str(tmp_path)]))
+    data = S.prepare_data(cfg, torch.device("cpu"))
+    trainer = S.EmbeddingTrainer(cfg, data)
+    calls = []
+    assert trainer.refresh(judge=True, keep_going=lambda: calls.append(1) or False) is None and calls == [1]
+    assert trainer.version == 0 and list(trainer.schedule(keep_going=lambda: False)) == []
+    index = trainer.refresh(judge=True)
+    assert index["version"] == 1 and index["assign"].shape == (600,) and index["embed_acc"] is not None
+
+
 # ---- reliability: every failure ends cleanly, loses nothing, says what happened --------------------------
 @needs_fmnist
 def test_embedding_child_that_raises_stops_the_run_with_its_message(tmp_path):
-    """A non-finite Magnet Loss (huge embedding lr) raises inside the child: the student notices, keeps a loadable
-    checkpoint, prints the child's exception and exits non-zero within 60 s."""
+    """A non-finite Magnet Loss (huge embedding lr) raises inside the child: the student notices, keeps a
+    loadable checkpoint, prints the child's exception and exits non-zero within 60 s."""
     out = tmp_path / "run"
     t0 = time.time()
     r = cli(TINY + ["--updates", "2000", "--embed-lr", "1e30"], out, timeout=120)
@@ -1312,7 +1837,8 @@ def test_sigkilled_embedding_child_is_noticed_within_seconds(tmp_path):
 @needs_fmnist
 def test_a_child_that_dies_before_publishing_names_exclusive_process_mode_and_inline(tmp_path):
     """A child that dies before its first index (as one does that cannot open its CUDA tensors on a GPU in
-    exclusive-process mode) ends the run with exit 1 and a message naming that cause and --embed-mode inline."""
+    exclusive-process mode) ends the run with exit 1 and a message naming that cause and --embed-mode
+    inline."""
     proc = start(TINY + ["--updates", "5000"], tmp_path / "run")
     pid = int(wait_for_line(proc, "[embedding] pid=", 60).split("pid=")[1].split()[0])
     os.kill(pid, signal.SIGKILL)  # the student loads its data before it sends it: nothing is published yet
@@ -1347,12 +1873,12 @@ def test_sigint_and_sigterm_stop_both_processes_and_resume_continues(tmp_path, s
 
 @needs_fmnist
 def test_sigkill_of_main_at_any_moment_then_resume_loses_and_duplicates_nothing(tmp_path):
-    """Atomic checkpoints: SIGKILL during a checkpoint write (SPLADVISE_SLOW_CHECKPOINT widens the window) and
+    """Atomic checkpoints: SIGKILL during a checkpoint write (a slowed os.replace widens the window) and
     right after a metrics line; each time ckpt.pt stays a complete one, and the resumed run reaches the same
     total with no duplicate or torn metrics line."""
     out = tmp_path / "run"
     args = TINY + ["--updates", "40", "--embed-mode", "inline"]
-    proc = start(args, out, env={"SPLADVISE_SLOW_CHECKPOINT": "1.0"})
+    proc = start(args, out, slow_checkpoint=1.0)
     wait_for_line(proc, "pass=2", 60)  # printed after its metrics line, before its checkpoint is renamed
     deadline = time.time() + 5
     while not any(".tmp" in f for f in os.listdir(out)) and time.time() < deadline:
@@ -1362,7 +1888,7 @@ def test_sigkill_of_main_at_any_moment_then_resume_loses_and_duplicates_nothing(
     proc.wait()
     assert torch.load(out / "ckpt.pt", weights_only=False)["state"]["passes"] == 1
     for moment in (0.0, 1.5):  # resume, then kill again: inside the next write, then after it, mid-pass
-        proc = start(args + ["--resume"], out, env={"SPLADVISE_SLOW_CHECKPOINT": "1.0"})
+        proc = start(args + ["--resume"], out, slow_checkpoint=1.0)
         wait_for_line(proc, "pass=", 60)
         time.sleep(moment)
         proc.kill()
@@ -1392,14 +1918,15 @@ def test_orphaned_child_exits_when_the_main_process_is_sigkilled(tmp_path):
 
 @needs_fmnist
 def test_non_finite_student_loss_stops_at_that_update_and_keeps_the_good_checkpoint(tmp_path):
-    """A learning rate made huge mid-run (a milestone with decay 1e9) makes the student diverge: exit 1, the message
-    names the student network, the update and the last good checkpoint, which nothing overwrote."""
+    """A learning rate made huge mid-run (a milestone with decay 1e9) makes the student diverge: exit 1, the
+    message names the student network, the update and the last good checkpoint, which nothing overwrote."""
     out = tmp_path / "run"
     r = cli(TINY + ["--updates", "60", "--embed-mode", "inline", "--sampler", "random", "--milestones", "0.5",
                     "--lr-decay", "1e9"], out)
     assert r.returncode == 1, r.stderr
     line = r.stderr.strip().splitlines()[-1]
-    assert "student network at update" in line and "last good checkpoint" in line and "Traceback" not in r.stderr
+    assert ("student network at update" in line and "last good checkpoint" in line
+            and "Traceback" not in r.stderr)
     bad_update = int(line.split("at update ")[1].split(";")[0])
     good = torch.load(out / "ckpt.pt", weights_only=False)["state"]["updates"]
     assert 30 <= bad_update and good < bad_update and f"(update {good})" in line
@@ -1463,22 +1990,27 @@ def test_corrupt_data_file_exits_2_naming_the_file(tmp_path, capsys):
     code, err = run_main(["--gpu", "-1", "--data-dir", str(tmp_path / "d"), "--no-download", "--updates", "5",
                           "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "t10k-images-idx3-ubyte.gz" in err and "Traceback" not in err
-    assert not [p for p in S.mp.active_children() if p.name == "spladvise-embedding"]  # spawned first, then stopped
+    # spawned first, then stopped
+    assert not [p for p in S.mp.active_children() if p.name == "spladvise-embedding"]
 
 
 # ---- using the method in your own code -------------------------------------------------------------------
 def copy_out(name):
-    """Execute the source of block `name`, and of every function or class of spladvise.py it names (transitively),
-    in a fresh namespace holding only torch, nn, F, math and numpy: what a reader who copies it out gets."""
-    namespace = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional, "math": math, "np": np}
+    """Execute the source of block `name`, and of every function or class of spladvise.py it names
+    (transitively), in a fresh namespace holding only torch, nn, F, math and numpy: what a reader who copies
+    it out gets."""
+    namespace = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional, "math": math, "np": np,
+                 "contextlib": __import__("contextlib")}
     blocks, todo = [], [name]
     while todo:
         block = todo.pop()
         if block in blocks:
             continue
         blocks.append(block)
-        names = {n.id for n in ast.walk(ast.parse(inspect.getsource(getattr(S, block)))) if isinstance(n, ast.Name)}
-        todo += [n for n in names if (inspect.isfunction(getattr(S, n, None)) or inspect.isclass(getattr(S, n, None)))
+        names = {n.id for n in ast.walk(ast.parse(inspect.getsource(getattr(S, block))))
+                 if isinstance(n, ast.Name)}
+        todo += [n for n in names if (inspect.isfunction(getattr(S, n, None))
+                                      or inspect.isclass(getattr(S, n, None)))
                  and getattr(S, n).__module__ == S.__name__]
     for block in blocks:
         exec(inspect.getsource(getattr(S, block)), namespace)
@@ -1500,8 +2032,8 @@ COPY_CHECKS = {  # block -> a call on a tiny input; the copy must give what the 
     "kmeans_pp": lambda f: f(tiny_index()[0], 4, generator=torch.Generator().manual_seed(0))[1],
     "build_cluster_index": lambda f: f(*tiny_index(), 3, generator=torch.Generator().manual_seed(0))[0],
     "NeighbourhoodSampler": lambda f: f(*S.build_cluster_index(*tiny_index(), 3, generator=torch.Generator()
-                                                               .manual_seed(0))).sample(3, 2, torch.Generator()
-                                                                                        .manual_seed(1))[0],
+                                                               .manual_seed(0))).sample(
+        3, 2, torch.Generator().manual_seed(1))[0],
     "spld_select": lambda f: f(tiny_index()[0][:, 0], tiny_index()[1], 0.1, 0.5),
     "spld_pace": lambda f: torch.as_tensor(f(tiny_index()[0][:, 0], 2, "rank", 0.3, 0.5, 0.1, 0.1,
                                              groups=tiny_index()[1])[0]),
@@ -1509,16 +2041,23 @@ COPY_CHECKS = {  # block -> a call on a tiny input; the copy must give what the 
     "triplet_global_loss": lambda f: f(*magnet_batch(3, 3, 4, 3, seed=2)[0].detach().view(3, 3, 4)),
     "mine_triplets": lambda f: torch.stack(f(*tiny_index(), torch.arange(0, 60, 7), 3, chunk=16)),
     "dml_crc_loss": lambda f: f(tiny_index()[0][:12], tiny_index()[1][:12]),
-    "class_balanced_batch": lambda f: f([torch.arange(5), torch.arange(5, 7)], 2, 3, torch.Generator().manual_seed(0)),
+    "class_balanced_batch": lambda f: f([torch.arange(5), torch.arange(5, 7)], 2, 3,
+                                        torch.Generator().manual_seed(0)),
     "recall_at_1": lambda f: torch.tensor(f(*tiny_index(), chunk=16)),
     "nmi": lambda f: torch.tensor(f(tiny_index()[1].flip(0), tiny_index()[1])),
-    "fixed_pixel_clusters": lambda f: f({"x_train": (torch.arange(60 * 16) % 251).to(torch.uint8).view(60, 1, 4, 4),
+    "fixed_pixel_clusters": lambda f: f({"x_train": (torch.arange(60 * 16) % 251).to(torch.uint8)
+                                                    .view(60, 1, 4, 4),
                                          "y_train": torch.arange(60) % 3, "mean": torch.zeros(1, 1, 1, 1),
                                          "std": torch.ones(1, 1, 1, 1)}, 2, 5, 0, max_bytes=60 * 4 * 8),
     "noisy_labels": lambda f: f(torch.arange(30) % 3, 0.5, "symmetric", 3, torch.Generator().manual_seed(0)),
-    "infobatch_select": lambda f: f(tiny_index()[0][:, 0], 0.5, 0.3, generator=torch.Generator().manual_seed(0))[0],
+    "infobatch_select": lambda f: f(tiny_index()[0][:, 0], 0.5, 0.3,
+                                    generator=torch.Generator().manual_seed(0))[0],
     "pace_keeps_all": lambda f: torch.tensor(f(9, "rank", 0.3, 0.2, torch.tensor([5, 9, 4]))),
     "magnet_predict": lambda f: f(tiny_index()[0], tiny_index()[0][:6], torch.arange(6) % 3, 1.0, 3),
+    "SPLDSelector": lambda f: f(f0=0.3, f_max=0.6).select(tiny_index()[0][:, 0], tiny_index()[1]),
+    "SPLADVisESampler": lambda f: torch.tensor(list(f(range(60), seed=1))),
+    "clean_share_estimate": lambda f: torch.tensor(f(tiny_index()[0][:, 0].abs())),
+    "small_loss_keep": lambda f: f(tiny_index()[0][:, 0], 0.4),
     "make_net": lambda f: torch.cat([net_output(f, name) for name in ("lenet", "lenet-8", "vgg16", "resnet18",
                                                                        "wrn-10-1")]),
 }
@@ -1526,35 +2065,104 @@ COPY_CHECKS = {  # block -> a call on a tiny input; the copy must give what the 
 
 @pytest.mark.parametrize("name", sorted(COPY_CHECKS))
 def test_every_building_block_runs_when_copied_out_alone(name):
-    """STYLE §6: a block pasted into a file that imports only torch (and the blocks it calls) still runs and
+    """A block pasted into a file that imports only torch (and the blocks it calls) still runs and
     gives the module's result; a block that needs a global of spladvise.py fails here."""
     namespace = copy_out(name)
-    assert set(namespace) - {"torch", "nn", "F", "math", "np", "__builtins__"} <= {
+    assert set(namespace) - {"torch", "nn", "F", "math", "np", "contextlib", "__builtins__"} <= {
         n for n in vars(S) if inspect.isfunction(getattr(S, n)) or inspect.isclass(getattr(S, n))}
     assert torch.equal(COPY_CHECKS[name](namespace[name]), COPY_CHECKS[name](getattr(S, name)))
 
 
-def test_readme_recipe_trains_a_model_on_a_selection_it_makes_each_epoch(monkeypatch):
-    """README "SPL-ADVisE's selection in your own training loop", run as written on a tiny synthetic dataset, so
-    the recipe cannot rot: it selects fewer than all samples early, every sample once f_t ≥ 1, and the model
-    learns."""
+def readme_block(marker):
     text = open(os.path.join(HERE, "README.md")).read()
-    recipe = re.search(r"<!-- recipe -->\s*```python\n(.*?)```\s*<!-- /recipe -->", text, re.S).group(1)
-    assert len(recipe.strip().splitlines()) <= 30
-    g = torch.Generator().manual_seed(0)
+    return re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```\s*<!-- /{marker} -->", text, re.S).group(1)
+
+
+def three_blobs(n=600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
     centres = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]])
-    labels = torch.arange(600) % 3
-    inputs = centres[labels] + torch.randn(600, 2, generator=g) * 1.5
+    return torch.utils.data.TensorDataset(centres[labels] + torch.randn(n, 2, generator=g) * 1.5, labels)
+
+
+def sgd_step(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(x, y):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def test_readme_recipe_trains_a_model_on_a_selection_it_makes_each_epoch(monkeypatch):
+    """README "In your own training loop", run as written (its training step filled in) on a tiny synthetic
+    set, so the recipe cannot rot: at most 10 lines; every sample the first epoch, Eq. 2's growing selections
+    after, every sample once f_t ≥ 1, and the model learns."""
+    recipe = readme_block("recipe")
+    assert len(recipe.strip().splitlines()) <= 11  # its import torch, then the contract's 10 lines
+    train_set = three_blobs()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-    namespace = {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
-                 "dataset": torch.utils.data.TensorDataset(inputs, labels), "labels": labels,
-                 "embeddings": inputs, "epochs": 6}
-    sizes, select = [], S.spld_select
-    monkeypatch.setattr(S, "spld_select", lambda *args: [m := select(*args), sizes.append(int(m.sum()))][0])
-    exec(recipe, namespace)
-    assert len(sizes) == 5 and 0 < sizes[0] < 600 and sizes[-1] == 600, sizes  # f_t = 0.7 · 1.1^t reaches 1 at t = 4
-    assert (model(inputs).argmax(1) == labels).float().mean() > 0.9
+    lengths = []
+    namespace = {"model": model, "train_set": train_set, "epochs": 7, "groups": train_set.tensors[1],
+                 "train_step": sgd_step(model)}
+    namespace["lengths"] = lengths
+    exec(recipe.replace("...  # your training step", "train_step(x, y)\n        lengths.append(len(y))"),
+         namespace)
+    sampler = namespace["sampler"]
+    assert sampler.selector.t == 6 and len(sampler) == 600
+    x, y = train_set.tensors
+    assert (model(x).argmax(1) == y).float().mean() > 0.9
+
+
+def test_readme_adaptive_recipe_refreshes_the_clusters_it_selects_on(monkeypatch):
+    """README "Adaptive clusters": the embedding trained inline between epochs with the Magnet Loss,
+    re-clustered before each select(), and those clusters are Eq. 2's groups; t counts from the first
+    select()."""
+    train_set = three_blobs(240)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    embed_net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    sampler = S.SPLADVisESampler(train_set, seed=0)
+    groups_seen, select = [], sampler.select
+    monkeypatch.setattr(sampler, "select", lambda losses, groups: [groups_seen.append(groups.clone()),
+                                                                   select(losses, groups)][1])
+    namespace = {"torch": torch, "model": model, "train_set": train_set, "epochs": 3, "sampler": sampler,
+                 "loader": torch.utils.data.DataLoader(train_set, batch_size=32, sampler=sampler),
+                 "embed_net": embed_net, "embed_opt": torch.optim.Adam(embed_net.parameters(), 1e-2),
+                 "labels": train_set.tensors[1], "score_losses": S.score_losses}
+    before = [p.clone() for p in embed_net.parameters()]
+    exec(readme_block("adaptive").replace("...  # your training step", "pass"), namespace)
+    assert len(groups_seen) == 2 and sampler.selector.t == 2 and not torch.equal(*groups_seen)  # refreshed
+    assert all(torch.equal(g // 8, train_set.tensors[1]) for g in groups_seen)  # 8 clusters within each class
+    assert any(not torch.equal(a, b) for a, b in zip(before, embed_net.parameters()))  # the embedding trained
+
+
+def test_readme_torchrun_example_runs_on_two_ranks_and_both_select_the_same(tmp_path):
+    """README "With torchrun", run by torchrun on 2 CPU processes (gloo) with its training step filled in: it
+    ends without a hang and every rank holds the same selection and the same model."""
+    preamble = (f"import sys, os, torch\nsys.path.insert(0, {HERE!r})\ntorch.set_num_threads(1)\n"
+                f"torch.manual_seed(0)\n{inspect.getsource(three_blobs)}\ntrain_set = three_blobs(200)\n"
+                "model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))\n"
+                "groups, epochs = train_set.tensors[1], 3\n"
+                "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n")
+    step = ("opt.zero_grad()\n        torch.nn.functional.cross_entropy(ddp(x), y).backward()\n"
+            "        opt.step()")
+    ending = (f"torch.save({{'idx': sampler.idx_selected, 'w': model[0].weight.detach(), "
+              f"'t': sampler.selector.t}}, "
+              f"os.path.join({str(tmp_path)!r}, f'rank{{os.environ[\"RANK\"]}}.pt'))\n")
+    body = readme_block("torchrun").replace("...  # your training step, through ddp", step)
+    body = body.replace("dist.destroy_process_group()", ending + "dist.destroy_process_group()")
+    (tmp_path / "train.py").write_text(preamble + body)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(free_port()), str(tmp_path / "train.py")],
+                       capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1)]
+    assert torch.equal(ranks[0]["idx"], ranks[1]["idx"]) and ranks[0]["t"] == ranks[1]["t"] == 2
+    assert torch.equal(ranks[0]["w"], ranks[1]["w"])  # DDP kept them in step
 
 
 # ---- CUDA (skipped without a GPU) ------------------------------------------------------------------------
@@ -1563,7 +2171,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 def test_cuda_kmeans_magnet_and_spld_match_the_cpu():
-    """The building blocks run on the tensor's device and agree with the CPU (float64, same generator seed)."""
+    """The building blocks run on the tensor's device and agree with the CPU (float64, same generator
+    seed)."""
     x, _ = blobs(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)) * 4, 20, 1.0, 0)
     c_cpu, a_cpu = S.kmeans_pp(x, 5, generator=torch.Generator().manual_seed(2))
     c_gpu, a_gpu = S.kmeans_pp(x.cuda(), 5, generator=torch.Generator().manual_seed(2))
@@ -1580,8 +2189,8 @@ def test_cuda_kmeans_magnet_and_spld_match_the_cpu():
 @needs_cuda
 @needs_fmnist
 def test_cuda_run_resumes_on_the_cpu_and_a_cpu_run_on_the_gpu(tmp_path):
-    """Checkpoints load to the CPU first: a run stopped on the GPU finishes on the CPU, and one stopped on the CPU
-    finishes on the GPU (with --amp auto there)."""
+    """Checkpoints load to the CPU first: a run stopped on the GPU finishes on the CPU, and one stopped on the
+    CPU finishes on the GPU (with --amp auto there)."""
     for first, second in (("0", "-1"), ("-1", "0")):
         out = tmp_path / f"from{first}"
         args = TINY + ["--updates", "60", "--preset", "cpu"]
