@@ -66,6 +66,7 @@ import pickle
 import queue
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -928,7 +929,9 @@ def pace_keeps_all(t: int, mode: str, f0: float, beta1: float, sizes: torch.Tens
                    f_max: float = 1.0) -> bool:
     """True when SPL iteration t (and so every later one) keeps every sample whatever the losses: quantile
     pace once f_t ≥ 1, rank pace once K_t ≥ the largest group (sizes (G,)); never under a cap f_max < 1."""
-    f = pace_fraction(t, f0, beta1, f_max)
+    if f_max < 1:  # a capped pass keeps at most ⌈f_max N⌉ samples
+        return False
+    f = pace_fraction(t, f0, beta1)
     if mode == "quantile":
         return f >= 1
     return mode == "rank" and sizes is not None and rank_quota(f, sizes) >= int(sizes.max())
@@ -938,7 +941,7 @@ def clean_share_estimate(losses: torch.Tensor, iters: int = 50) -> float:
     """The share of samples whose labels look clean, as DivideMix estimates it (Li, Socher & Hoi, ICLR 2020):
     a two-component Gaussian mixture fitted by EM to the per-sample losses scaled to [0, 1]; a sample is clean
     when its posterior for the low-mean component exceeds 0.5. losses (N,) -> a share in (0, 1]."""
-    x = losses.double()
+    x = losses.detach().double().cpu()  # (N,) a few thousand floats: EM on the CPU, whatever the device
     x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)  # (N,)
     mu = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=torch.float64))  # (2,) UNSPECIFIED: EM's start
     var, weight = torch.full((2,), x.var().item() / 4 + 1e-4, dtype=torch.float64), torch.full((2,), 0.5)
@@ -949,7 +952,7 @@ def clean_share_estimate(losses: torch.Tensor, iters: int = 50) -> float:
         weight, mu = mass / len(x), (post * x[:, None]).sum(0) / mass
         var = ((post * (x[:, None] - mu) ** 2).sum(0) / mass).clamp_min(5e-4)  # DivideMix's reg_covar
     clean = post[:, int(mu.argmin())] > 0.5  # (N,)
-    return max(float(clean.double().mean()), 1 / len(x))
+    return float(clean.double().mean()) if clean.any() else 1.0  # equal losses: no sign of noise
 
 
 class SPLDSelector:
@@ -983,8 +986,9 @@ class SPLDSelector:
     def keeps_all(self, sizes: torch.Tensor | None = None, ahead: int = 0) -> bool:
         """True when select() number t + ahead, and every later one, keeps every sample whatever the losses;
         sizes (G,): the groups' sizes, for the rank pace."""
-        f_max = 1.0 if self.f_max == "auto" else self.f_max
-        return pace_keeps_all(self.t + ahead, self.pace, self.f0, self.beta1, sizes, f_max)
+        if self.f_max == "auto":  # the cap is still to be estimated
+            return False
+        return pace_keeps_all(self.t + ahead, self.pace, self.f0, self.beta1, sizes, self.f_max)
 
     def state_dict(self) -> dict:
         return {"t": self.t, "f_max": self.f_max, "clean_share_estimate": self.clean_share_estimate}
@@ -1106,14 +1110,15 @@ class SPLADVisESampler(torch.utils.data.Sampler):
 
 @contextlib.contextmanager
 def true_float32():
-    """cuDNN's TF32 off (it is on by default for convolutions on Ampere and later): Eq. 2 ranks float32
-    losses, and TF32's 10-bit mantissa would tie near-equal ones."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    """TF32 off for convolutions (cuDNN's default on Ampere and later) and matrix products (on where a user
+    set float32_matmul_precision "high"): Eq. 2 ranks float32 losses, and TF32's 10-bit mantissa would tie
+    near-equal ones."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = previous
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def score_losses(model: nn.Module, dataset, batch_size: int = 1024, device=None) -> torch.Tensor:
@@ -1296,7 +1301,7 @@ class EmbeddingTrainer:
         self.by_class = [(data["y_train"] == c).nonzero().flatten().cpu() for c in range(n_classes)]  # P × K
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.sampler, self.triplets, self.saved_losses = None, None, None
-        self.iteration, self.sigma2_sum, self.version = 0, 0.0, 0
+        self.iteration, self.sigma2_sum, self.version, self.refresh_s = 0, 0.0, 0, 0.0
         self.margin = 0.2  # UNSPECIFIED: Smart Mining's starting margin; its controller moves it
         if saved:
             for name in ("net", "head", "opt"):
@@ -1438,14 +1443,21 @@ class EmbeddingTrainer:
         Ends when frozen after the warm-up (R = -1) or when keep_going() turns false."""
         n = len(self.data["y_train"])
         every, warmup = self.cfg.refresh_iterations(n), self.cfg.warmup_iterations(n)
-        index = self.refresh(self.iteration >= warmup, keep_going)
+        index = self.timed_refresh(self.iteration >= warmup, keep_going)
         while index is not None:
             yield index
             target = next_refresh(self.iteration, every, warmup)
             if target is None or not keep_going():
                 return
             self.train(target - self.iteration, keep_going, 1.0 if self.iteration < warmup else share)
-            index = self.refresh(self.iteration >= warmup, keep_going) if keep_going() else None
+            index = self.timed_refresh(self.iteration >= warmup, keep_going) if keep_going() else None
+
+    def timed_refresh(self, judge: bool, keep_going) -> dict | None:
+        """refresh(), its seconds kept in refresh_s (the student's stop timeout is sized from them)."""
+        t0 = time.time()
+        index = self.refresh(judge, keep_going)
+        self.refresh_s = time.time() - t0
+        return index
 
 
 def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
@@ -1488,7 +1500,8 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
     """Child entry point: wait for the data, then Alg. 1 until the student sets `stop` or dies, publishing a
     fresh index every R iterations and saving its own state (atomically) to OUT/embed_state.pt after each
     publish."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the whole process group; the student decides
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (and Slurm's SIGTERM) hit the whole process group:
+        signal.signal(sig, signal.SIG_IGN)  # the student decides, and stops this child by its flag
     try:
         parent = mp.parent_process()
         # exits on its own if the parent is killed
@@ -1508,12 +1521,10 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
         state_path = os.path.join(cfg.run_dir, "embed_state.pt")
         saved = load_cpu(state_path) if cfg.resume and os.path.exists(state_path) else None
         trainer = EmbeddingTrainer(cfg, data, saved)
-        t0 = time.time()
         for index in trainer.schedule(cfg.embed_share, keep_going):  # --embed-share after its warm-up
-            publish(shared, lock, index, time.time() - t0)
+            publish(shared, lock, index, trainer.refresh_s)
             if keep_going():  # a stopped child saves nothing: the student may be waiting to kill it
                 save_atomic(trainer.state_dict(), state_path)
-            t0 = time.time()
         while keep_going():  # frozen after the warm-up: wait to be stopped
             time.sleep(0.1)
     except BaseException as e:
@@ -1599,7 +1610,8 @@ class EmbeddingProcess:
         if failure := self.failure():
             raise failure
         version, iteration = self.shared["status"][:2].tolist()
-        if version < 1 or iteration < self.warmup or (known and known["version"] == version):
+        if version < 1 or iteration < self.warmup or (known and (known["version"], known["iteration"]) ==
+                                                      (version, iteration)):
             return known
         if not self.lock.acquire(timeout=1.0):
             return known
@@ -1723,14 +1735,14 @@ def check_against_data(cfg: Config, data: dict):
     if cfg.batch_size > len(data["y_train"]):
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set "
                           f"({len(data['y_train'])}); lower it or raise --train-size")
-    child_on_cpu = cfg.embed_mode == "process" and (cfg.embed_gpu == "cpu" or cfg.embed_gpu == "same" and
-                                                    cfg.gpu == "cpu")
-    if cfg.sampler == "spladvise" and child_on_cpu and cfg.gpu != "cpu" and os.path.isdir("/dev/shm"):
-        need = sum(v.numel() * v.element_size() for v in data.values())
-        free = shutil.disk_usage("/dev/shm").free
+    child_on_cpu = cfg.embed_gpu == "cpu" or (cfg.embed_gpu == "same" and cfg.gpu == "cpu")
+    shared = cfg.sampler == "spladvise" and cfg.embed_mode == "process" and child_on_cpu
+    if shared and os.path.isdir("/dev/shm"):
+        need = sum(v.numel() * v.element_size() for v in data.values()) / 2 ** 20
+        free = shutil.disk_usage("/dev/shm").free / 2 ** 20
         if need > free:
-            raise ConfigError(f"--embed-gpu -1 puts the training set ({need / 2 ** 20:.0f} MB) in /dev/shm, "
-                              f"which has {free / 2 ** 20:.0f} MB free (Docker's default is 64 MB: "
+            raise ConfigError(f"an embedding process on the CPU shares the training set ({need:.0f} MB) "
+                              f"through /dev/shm, which has {free:.0f} MB free (Docker's default is 64 MB: "
                               f"--shm-size); or run with --embed-mode inline")
 
 
@@ -1824,6 +1836,9 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, c
     child_threads = max(1, cores - cores // 2) if embed_device.type == "cpu" else min(2, cores)
     if embed_device.type == "cpu" and data["x_train"].device.type == "cpu":
         torch.set_num_threads(max(1, cores // 2))
+    if ckpt and not os.path.exists(os.path.join(cfg.run_dir, "embed_state.pt")):
+        print("[embedding] no OUT/embed_state.pt to resume from: the embedding starts again from scratch",
+              flush=True)
     child = child or EmbeddingProcess(cfg)
     child.start({k: v.to(embed_device) for k, v in data.items()}, child_threads,
                 cfg.warmup_iterations(len(data["y_train"])), cores if cfg.embed_share < 1 else None)
@@ -2012,7 +2027,9 @@ def pass_record(cfg: Config, st: LoopState, selector: SPLDSelector, chosen: Pass
             "t": None if st.curriculum_start is None else st.passes - 1 - st.curriculum_start,
             "train_loss": train_loss, "selected_frac": len(idx) / n,
             "label_precision": (data["y_train"][idx] == data["y_clean"][idx]).float().mean().item(),
-            "clusters_used": chosen.clusters_used, "lam": selector.lam, "gamma": selector.gamma,
+            "clusters_used": chosen.clusters_used,
+            "lam": selector.lam if chosen.clusters_used is not None else None,  # None: no select() this pass
+            "gamma": selector.gamma if chosen.clusters_used is not None else None,
             "clean_share_estimate": selector.clean_share_estimate,
             "embed_version": (index or {}).get("version"), "embed_iter": (index or {}).get("iteration"),
             **{q: (index or {}).get(q) for q in QUALITY}, "lr": lr_at(cfg, st.done), "wall_s": st.wall_s,
@@ -2176,10 +2193,10 @@ def run_seeds(cfg: Config, stop_requested=lambda: False) -> dict | None:
 
 
 # ./run.sh bench: regimes × rows, each row the flags it changes. Every SPL row paces as the authors' code did,
-# fixed before any run and tuned on nothing here: f0 = 0.7 (K_0 = 500 of ~750 per cluster), β1 = β2 = 0.1
-# (×1.1 per pass), ρ0 = 0.5, Config's defaults. A row capped at f_max = 1 − the noise rate, as Co-teaching
-# does, assumes the rate known; 1 − 1.25 × the rate is Co-teaching's better keep rate; f_max = auto estimates
-# it.
+# fixed before any run and tuned on nothing here: f0 = 0.7 (their K_0 = 500 of ~750 per cluster at full size),
+# β1 = β2 = 0.1 (×1.1 per pass), ρ0 = 0.5, Config's defaults. A row capped at f_max = 1 − the noise rate, as
+# Co-teaching does, assumes the rate known; 1 − 1.25 × the rate is Co-teaching's better keep rate; f_max =
+# auto estimates it.
 BENCH_ROWS = {row: dict(sampler=row)
               for row in ("random", "random-pace", "spl", "spld", "spladvise", "infobatch")}
 CAPPED = {f"{row}-fmax{cap}": dict(sampler=row, f_max=cap)
@@ -2230,7 +2247,9 @@ def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
         runs = {row: dataclasses.replace(base, **budget, **change,
                                          **{k: v for k, v in flags.items() if k != "runs"},
                                          out=os.path.join(root, regime, row)) for row, flags in rows.items()}
-        n_seeds = {row: flags.get("runs", seeds) for row, flags in rows.items()}
+        # a row's own seed count, within an explicit --runs
+        n_seeds = {row: min(flags.get("runs", seeds), seeds) if cfg.runs > 1 else flags.get("runs", seeds)
+                   for row, flags in rows.items()}
         results[regime] = {}
         for n in range(1, max(n_seeds.values()) + 1):  # seed by seed across the rows: a slow stretch
             for row, run in runs.items():  # of the machine hits every row
@@ -2412,7 +2431,7 @@ def command_line(cfg: Config) -> str:
         if value != f.default:
             name = f"--{f.name.replace('_', '-')}"
             flags += ([name] if value is True else [f"--no-{name[2:]}"] if value is False
-                      else [name, str(value)])
+                      else [name, shlex.quote(str(value))])
     return " ".join(["python spladvise.py", *flags])
 
 
@@ -2508,9 +2527,13 @@ def prepare_run_dir(cfg: Config):
         if not os.path.exists(ckpt_path):
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
         try:
-            saved = load_cpu(ckpt_path)["config"]
+            ckpt = load_cpu(ckpt_path)
         except Exception as e:
             raise ConfigError(f"--resume: {ckpt_path} cannot be read ({type(e).__name__}: {e})")
+        if "selector" not in ckpt:
+            raise ConfigError(f"--resume: {ckpt_path} was written by an older version of spladvise.py (the "
+                              f"pace's state has its own entry since); start this run again in another --out")
+        saved = ckpt["config"]
     if saved is not None:
         if differ := config_changes(saved, cfg):
             raise ConfigError(f"{cfg.run_dir} holds a different run ({'; '.join(differ)}); " + (
