@@ -136,6 +136,7 @@ class Config:
     d: int = 8  # D, examples per cluster in a magnet batch (batch = M*D = 64)
     alpha: float = 1.0  # Magnet Loss margin α, Eq. 1
     embed_loss: str = "magnet"  # magnet (Eq. 1) | osm_caa | triplet_global | dml_crc (paper §5)
+    embed_on: str = "all"  # all | selection: clusters fitted on and batches drawn from the student's samples
     triplet_target: float = 0.5  # triplet_global: share of mined triplets with hinge > 0 the margin tracks
     refresh: int = 0  # R, embedding iterations between index refreshes; 0 = one embedding epoch; -1 = frozen
     embed_warmup: float | None = None  # embedding epochs before the first selection
@@ -589,9 +590,11 @@ def kmeans_pp(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generat
 
 
 def build_cluster_index(emb: torch.Tensor, labels: torch.Tensor, k: int, iters: int = 20,
-                        generator: torch.Generator | None = None):
+                        generator: torch.Generator | None = None, fit: torch.Tensor | None = None):
     """Per-class K-Means++ (paper §3.1, Alg. 1 step 2): emb (N, d), labels (N,) in [0, C) -> assign (N,)
-    global cluster ids c*k + j, centroids (C*k, d), cluster_class (C*k,)."""
+    global cluster ids c*k + j, centroids (C*k, d), cluster_class (C*k,). fit (N,) bool: fit each class's
+    centroids on its members where fit is True (all of them where fewer than k are) and assign every member
+    to its nearest one."""
     if emb.dim() != 2 or labels.shape != emb.shape[:1]:
         raise ValueError(f"build_cluster_index needs emb (N, d) and labels (N,), got {tuple(emb.shape)} and "
                          f"{tuple(labels.shape)}")
@@ -603,8 +606,11 @@ def build_cluster_index(emb: torch.Tensor, labels: torch.Tensor, k: int, iters: 
         if len(members) < k:
             raise ValueError(f"class {c} has {len(members)} examples, fewer than k={k} clusters per class; "
                              f"lower k or use more data")
-        centroids[c * k:(c + 1) * k], local = kmeans_pp(emb[members], k, iters, generator)
-        assign[members] = c * k + local
+        chosen = members[fit[members]] if fit is not None else members  # (F_c,)
+        chosen = chosen if len(chosen) >= k else members
+        centroids[c * k:(c + 1) * k], local = kmeans_pp(emb[chosen], k, iters, generator)
+        assign[members] = c * k + (local if len(chosen) == len(members)
+                                   else nearest(emb[members], centroids[c * k:(c + 1) * k]))
     cluster_class = torch.arange(n_classes, device=emb.device).repeat_interleave(k)  # (C*k,)
     return assign, centroids, cluster_class
 
@@ -645,14 +651,19 @@ class NeighbourhoodSampler:
         self.seen = torch.zeros(len(assign), dtype=torch.bool)  # (N,) has a recorded loss
         self.reindex(assign, centroids, cluster_class)
 
-    def reindex(self, assign: torch.Tensor, centroids: torch.Tensor, cluster_class: torch.Tensor):
+    def reindex(self, assign: torch.Tensor, centroids: torch.Tensor, cluster_class: torch.Tensor,
+                eligible: torch.Tensor | None = None):
         """Install a refreshed index (Alg. 1 step 2 every R iterations); cluster losses follow from the stored
-        per-example losses under the new assignment."""
+        per-example losses under the new assignment. eligible (N,) bool: batches draw only those examples
+        (every member of a cluster that has none)."""
         self.assign, centroids, cluster_class = assign.cpu(), centroids.cpu(), cluster_class.cpu()
         k = len(centroids)
         order = torch.argsort(self.assign, stable=True)  # (N,) members grouped by cluster
         self.members = torch.split(order,
                                    torch.bincount(self.assign, minlength=k).tolist())  # C*K index tensors
+        if eligible is not None:
+            eligible = eligible.cpu()
+            self.members = [m[eligible[m]] if eligible[m].any() else m for m in self.members]
         dist = sq_dists(centroids, centroids)  # (C*K, C*K)
         dist[cluster_class[:, None] == cluster_class[None, :]] = math.inf
         self.n_impostors = int((dist < math.inf).sum(1).min())  # fewest other-class clusters any cluster has
@@ -959,19 +970,20 @@ class SPLDSelector:
     """The pace (Alg. 2 step 16) and selection (steps 7-13, Eq. 2) of self-paced learning with diversity, one
     SPL iteration t per select(): select(losses, groups) keeps the samples of Eq. 2 at λ_t, γ_t, then t += 1.
     groups=None is plain SPL (one group, γ = 0). f_max < 1 caps every pass at ⌈f_max · N⌉ samples;
-    f_max="auto" sets the cap at the first select() from clean_share_estimate(losses)."""
+    f_max="auto" sets the cap at every select() from clean_share_estimate(losses): the estimate, biased low
+    while the student still misclassifies clean samples, rises as it learns."""
 
     def __init__(self, f0: float = 0.7, beta1: float = 0.1, beta2: float = 0.1, rho0: float = 0.5,
                  f_max: float | str = 1.0, pace: str = "quantile"):
         self.f0, self.beta1, self.beta2, self.rho0, self.pace = f0, beta1, beta2, rho0, pace
-        self.f_max = f_max
+        self.f_max, self.auto = f_max, f_max == "auto"
         self.t = 0  # SPL iteration: the number of select() calls so far
         self.clean_share_estimate = None  # f_max="auto": the estimate the cap was set from
         self.lam = self.gamma = None  # the last select()'s λ_t (rank pace: mean of the finite λ_k) and γ_t
 
     def select(self, losses: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         """losses (N,), groups (N,) cluster ids or None -> mask (N,) bool."""
-        if self.f_max == "auto":  # UNSPECIFIED: estimated once, at the curriculum's start
+        if self.auto:  # UNSPECIFIED: re-estimated at every select() from the current losses
             self.clean_share_estimate = self.f_max = clean_share_estimate(losses)
         rho0 = self.rho0 if groups is not None else 0.0  # SPL: γ = 0, one group
         groups = torch.zeros_like(losses, dtype=torch.long) if groups is None else groups
@@ -986,7 +998,7 @@ class SPLDSelector:
     def keeps_all(self, sizes: torch.Tensor | None = None, ahead: int = 0) -> bool:
         """True when select() number t + ahead, and every later one, keeps every sample whatever the losses;
         sizes (G,): the groups' sizes, for the rank pace."""
-        if self.f_max == "auto":  # the cap is still to be estimated
+        if self.auto:  # the cap is re-estimated at every select()
             return False
         return pace_keeps_all(self.t + ahead, self.pace, self.f0, self.beta1, sizes, self.f_max)
 
@@ -1301,6 +1313,7 @@ class EmbeddingTrainer:
         self.by_class = [(data["y_train"] == c).nonzero().flatten().cpu() for c in range(n_classes)]  # P × K
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.sampler, self.triplets, self.saved_losses = None, None, None
+        self.read_selection = lambda: None  # --embed-on selection: -> the student's current samples (N,) bool
         self.iteration, self.sigma2_sum, self.version, self.refresh_s = 0, 0.0, 0, 0.0
         self.margin = 0.2  # UNSPECIFIED: Smart Mining's starting margin; its controller moves it
         if saved:
@@ -1330,7 +1343,9 @@ class EmbeddingTrainer:
         cfg, y, y_test = self.cfg, self.data["y_train"], self.data["y_test"]
         emb = self.embed(self.data["x_train"])  # (N, d)
         gen = torch.Generator(emb.device).manual_seed(cfg.seed + 1 + self.version)
-        assign, centroids, cluster_class = build_cluster_index(emb, y, cfg.k, cfg.kmeans_iters, gen)
+        # --embed-on selection: mostly clean labels once the curriculum's cap leaves the noisy share out
+        fit = self.read_selection() if cfg.embed_on == "selection" else None  # (N,) bool or None
+        assign, centroids, cluster_class = build_cluster_index(emb, y, cfg.k, cfg.kmeans_iters, gen, fit)
         if not keep_going():
             return None
         if cfg.embed_loss == "magnet" and self.sampler is None:
@@ -1338,7 +1353,7 @@ class EmbeddingTrainer:
             if self.saved_losses is not None:
                 self.sampler.example_loss, self.sampler.seen = self.saved_losses
         if cfg.embed_loss == "magnet":
-            self.sampler.reindex(assign, centroids, cluster_class)
+            self.sampler.reindex(assign, centroids, cluster_class, fit)
         if cfg.embed_loss == "triplet_global":
             self.step_margin(emb)
         self.version += 1
@@ -1478,6 +1493,7 @@ def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
 # its device before releasing it, so it never sees half an index.
 #   name      shape   dtype    writer   reader
 #   assign    (N,)    int64    child    student   cluster id of every training sample
+#   selected  (N,)    bool     student  child     the student's current samples (--embed-on selection)
 #   status    (7,)    float64  child    student   STATUS: version, iteration, the index's quality (NaN: not
 #                                                 judged), the last refresh's seconds, the child's CPU
 # seconds; CPU
@@ -1494,6 +1510,13 @@ def publish(shared: dict, lock, index: dict, refresh_s: float):
         sync(shared["assign"].device)  # the copy lands before the version says it has
         values = [math.nan if index[k] is None else index[k] for k in STATUS[:-2]]
         shared["status"].copy_(torch.tensor(values + [refresh_s, time.process_time()], dtype=torch.float64))
+
+
+def read_selection(shared: dict, lock) -> torch.Tensor:
+    with lock:
+        selected = shared["selected"].clone()  # (N,) bool
+        sync(selected.device)
+    return selected
 
 
 def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
@@ -1521,6 +1544,7 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
         state_path = os.path.join(cfg.run_dir, "embed_state.pt")
         saved = load_cpu(state_path) if cfg.resume and os.path.exists(state_path) else None
         trainer = EmbeddingTrainer(cfg, data, saved)
+        trainer.read_selection = lambda: read_selection(shared, lock)
         for index in trainer.schedule(cfg.embed_share, keep_going):  # --embed-share after its warm-up
             publish(shared, lock, index, trainer.refresh_s)
             if keep_going():  # a stopped child saves nothing: the student may be waiting to kill it
@@ -1563,8 +1587,9 @@ class EmbeddingProcess:
         share = lambda tensors: {k: v.share_memory_() if v.device.type == "cpu" else v
                                  for k, v in tensors.items()}
         self.device = data["x_train"].device
-        self.shared |= share({"assign": torch.zeros(len(data["y_train"]), dtype=torch.int64,
-                                                    device=self.device)})
+        n = len(data["y_train"])
+        self.shared |= share({"assign": torch.zeros(n, dtype=torch.int64, device=self.device),
+                              "selected": torch.ones(n, dtype=torch.bool, device=self.device)})
         self.data, self.warmup, self.cores = share(data), warmup, cores_after_warmup
         self.inbox.put((self.data, self.shared, n_threads))
 
@@ -1596,8 +1621,10 @@ class EmbeddingProcess:
 
     def hand_over_cores(self) -> bool:
         """True once, when the warm-up's index is out and the student may take every core."""
+        if self.cores is None:
+            return False
         version, iteration = self.shared["status"][:2].tolist()
-        if self.cores is None or version < 1 or iteration < self.warmup:
+        if version < 1 or iteration < self.warmup:
             return False
         print(f"[embedding] warm-up index out (iteration {iteration:.0f}); the student now uses {self.cores} "
               f"threads", flush=True)
@@ -1624,6 +1651,12 @@ class EmbeddingProcess:
         index = {k: None if math.isnan(v) else v for k, v in zip(STATUS[:-2], status.tolist())}
         return {**index, "assign": assign, "version": int(index["version"]),
                 "iteration": int(index["iteration"])}
+
+    def select(self, mask: torch.Tensor):
+        """Tell the child the student's current samples, mask (N,) bool (--embed-on selection)."""
+        with self.lock:
+            self.shared["selected"].copy_(mask)
+            sync(self.device)
 
     def stop(self) -> float:
         """Ask the child to stop, kill it if it does not in time. -> its CPU seconds."""
@@ -1662,6 +1695,10 @@ class InlineEmbedding:
 
     def hand_over_cores(self) -> bool:
         return False
+
+    def select(self, mask: torch.Tensor):
+        mask = mask.clone()
+        self.trainer.read_selection = lambda: mask
 
     def stop(self) -> float:
         return 0.0
@@ -1936,6 +1973,9 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             if len(chosen.idx) == 0:
                 print(f"[student] pass {st.passes + 1} selected no sample; stopping", flush=True)
                 break
+            if cfg.embed_on == "selection" and embedding is not None and chosen.clusters_used is not None:
+                mask = torch.zeros_like(data["y_train"], dtype=torch.bool)  # (N,) this pass's samples
+                embedding.select(mask.index_fill_(0, chosen.idx, True))
             # Alg. 2 steps 3-4: one shuffled pass of mini-batch SGD over them, the lr set by the budget spent
             idx = fill_batches(chosen.idx[torch.randperm(len(chosen.idx), device=device)], cfg.batch_size)
             n_updates = min(math.ceil((1 - st.done) / chosen.share), len(idx) // cfg.batch_size)
@@ -2222,7 +2262,11 @@ BENCH_REGIMES = {  # regime: (budget × the clean one, or None: the change sets 
         "random-pace-fmax0.6": dict(sampler="random-pace", f_max=0.6, runs=3),
         **{row: dict(flags, runs=5 if row.startswith("spladvise") else 3) for row, flags in CAPPED.items()},
         "spladvise-fmax-auto": dict(sampler="spladvise", f_max="auto", runs=3),
-        "small-loss": dict(sampler="small-loss", f_max=0.6, runs=3)}),
+        "small-loss": dict(sampler="small-loss", f_max=0.6, runs=3),
+        # exploratory: the two networks teach each other, as in Co-teaching
+        "spladvise-fmax0.6-embed-on-selection": dict(sampler="spladvise", f_max=0.6, embed_on="selection",
+                                                     runs=3),
+        "random-clean-labels": dict(sampler="random", label_noise=0.0, runs=3)}),  # the ceiling
     "memorise-pairflip": (None, {**MEMORISE, "label_noise": 0.45, "noise_kind": "pairflip"}, {
         "random": dict(sampler="random", runs=3),
         "spladvise-fmax0.55": dict(sampler="spladvise", f_max=0.55, runs=3),
@@ -2389,7 +2433,7 @@ CHOICES = {"dataset": DATASETS, "preset": ("auto", "paper", "cpu", "bench"),
            "amp": ("auto", "on", "off", "embed"), "noise_kind": ("symmetric", "pairflip"),
            "regime": ("all", *BENCH_REGIMES), "embed_mode": ("process", "inline"),
            "pace": ("quantile", "rank"),
-           "embed_loss": ("magnet", "osm_caa", "triplet_global", "dml_crc")}
+           "embed_loss": ("magnet", "osm_caa", "triplet_global", "dml_crc"), "embed_on": ("all", "selection")}
 # may change on --resume; the others must match the checkpoint's
 RUNTIME_FIELDS = {"resume", "max_minutes", "gpu", "embed_gpu", "out", "data_dir", "download", "compile",
                   "runs", "bench", "regime", "plot", "amp"}
@@ -2514,6 +2558,10 @@ def check_values(cfg: Config):
                           f"per batch")
     if cfg.m < 2:
         raise ConfigError(f"--m {cfg.m}: a magnet batch needs at least 2 clusters (a seed and an impostor)")
+    if cfg.embed_on == "selection" and (cfg.sampler != "spladvise" or cfg.embed_loss != "magnet"):
+        raise ConfigError(f"--embed-on selection trains SPL-ADVisE's Magnet Loss on the student's samples: "
+                          f"it needs --sampler spladvise --embed-loss magnet, not "
+                          f"{cfg.sampler}/{cfg.embed_loss}")
     if cfg.f_max == "auto" and cfg.sampler not in ("spl", "spld", "spladvise"):
         raise ConfigError(f"--f-max auto estimates the clean share from the scored losses of a curriculum; "
                           f"--sampler {cfg.sampler} scores none: give --f-max a number")
