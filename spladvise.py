@@ -2288,8 +2288,7 @@ def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
         factor, change, rows = BENCH_REGIMES[regime]
         budget = {} if factor is None else dict(epochs=base.epochs * factor,
                                                 updates=round(base.updates * factor))
-        runs = {row: dataclasses.replace(base, **budget, **change,
-                                         **{k: v for k, v in flags.items() if k != "runs"},
+        runs = {row: dataclasses.replace(base, **{**budget, **change, **flags, "runs": 1},  # a row's flags win
                                          out=os.path.join(root, regime, row)) for row, flags in rows.items()}
         # a row's own seed count, within an explicit --runs
         n_seeds = {row: min(flags.get("runs", seeds), seeds) if cfg.runs > 1 else flags.get("runs", seeds)

@@ -1733,6 +1733,8 @@ def test_bench_regimes_are_data_and_every_spl_row_paces_as_the_authors_code():
         for flags in [change, *rows.values()]:
             cfg = dataclasses.replace(S.Config(), **{k: v for k, v in flags.items() if k != "runs"})
             assert (cfg.f0, cfg.beta1, cfg.beta2, cfg.rho0) == (0.7, 0.1, 0.1, 0.5)
+    ceiling = S.BENCH_REGIMES["memorise"][2]["random-clean-labels"]
+    assert ceiling["label_noise"] == 0.0 and S.BENCH_REGIMES["memorise"][1]["label_noise"] == 0.4
 
 
 @needs_fmnist
