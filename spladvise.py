@@ -2268,8 +2268,9 @@ BENCH_REGIMES = {  # regime: (budget × the clean one, or None: the change sets 
                                                      runs=3),
         "random-clean-labels": dict(sampler="random", label_noise=0.0, runs=3)}),  # the ceiling
     "memorise-pairflip": (None, {**MEMORISE, "label_noise": 0.45, "noise_kind": "pairflip"}, {
-        "random": dict(sampler="random", runs=3),
-        "spladvise-fmax0.55": dict(sampler="spladvise", f_max=0.55, runs=3),
+        "random": dict(sampler="random"),
+        "spl-fmax0.55": dict(sampler="spl", f_max=0.55, runs=3),  # SPL-ADVisE without its clusters
+        "spladvise-fmax0.55": dict(sampler="spladvise", f_max=0.55),
         "spladvise-fmax-auto": dict(sampler="spladvise", f_max="auto", runs=3),
         "small-loss": dict(sampler="small-loss", f_max=0.55, runs=3)}),
 }
