@@ -655,7 +655,7 @@ class NeighbourhoodSampler:
                 eligible: torch.Tensor | None = None):
         """Install a refreshed index (Alg. 1 step 2 every R iterations); cluster losses follow from the stored
         per-example losses under the new assignment. eligible (N,) bool: batches draw only those examples
-        (every member of a cluster that has none)."""
+        (every member of a cluster that has none), and only their losses weigh the seed draw."""
         self.assign, centroids, cluster_class = assign.cpu(), centroids.cpu(), cluster_class.cpu()
         k = len(centroids)
         order = torch.argsort(self.assign, stable=True)  # (N,) members grouped by cluster
@@ -664,13 +664,16 @@ class NeighbourhoodSampler:
         if eligible is not None:
             eligible = eligible.cpu()
             self.members = [m[eligible[m]] if eligible[m].any() else m for m in self.members]
+        self.eligible = torch.zeros(len(self.assign), dtype=torch.bool)  # (N,) drawable
+        self.eligible[torch.cat(self.members)] = True
+        counted = (self.seen & self.eligible).double()  # (N,) losses that weigh their cluster
         dist = sq_dists(centroids, centroids)  # (C*K, C*K)
         dist[cluster_class[:, None] == cluster_class[None, :]] = math.inf
         self.n_impostors = int((dist < math.inf).sum(1).min())  # fewest other-class clusters any cluster has
         self.impostors = dist.argsort(1)[:, :self.n_impostors]  # (C*K, I) other-class clusters, nearest first
         self.loss_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, self.assign,
-                                                                       self.example_loss * self.seen)
-        self.loss_count = torch.zeros(k, dtype=torch.float64).index_add_(0, self.assign, self.seen.double())
+                                                                       self.example_loss * counted)
+        self.loss_count = torch.zeros(k, dtype=torch.float64).index_add_(0, self.assign, counted)
         self.cluster_loss = self.cluster_losses()
 
     def cluster_losses(self) -> torch.Tensor:
@@ -690,8 +693,10 @@ class NeighbourhoodSampler:
             0, inverse, torch.arange(len(indices)), "amax")  # (U,) its last occurrence
         indices, losses = unique, losses[last]  # (U,), (U,)
         clusters = self.assign[indices]  # (U,)
-        self.loss_sum.index_add_(0, clusters, losses - self.example_loss[indices] * self.seen[indices])
-        self.loss_count.index_add_(0, clusters, (~self.seen[indices]).double())
+        was = (self.seen[indices] & self.eligible[indices]).double()  # (U,) counted before
+        now = self.eligible[indices].double()  # (U,) counted from now on
+        self.loss_sum.index_add_(0, clusters, losses * now - self.example_loss[indices] * was)
+        self.loss_count.index_add_(0, clusters, now - was)
         self.example_loss[indices], self.seen[indices] = losses, True
         self.cluster_loss = self.cluster_losses()
 
@@ -984,7 +989,8 @@ class SPLDSelector:
     def select(self, losses: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         """losses (N,), groups (N,) cluster ids or None -> mask (N,) bool."""
         if self.auto:  # UNSPECIFIED: re-estimated at every select() from the current losses
-            self.clean_share_estimate = self.f_max = clean_share_estimate(losses)
+            self.clean_share_estimate = clean_share_estimate(losses)
+            self.f_max = min(self.clean_share_estimate, 1 - 1 / len(losses))  # "no noise" is still a cap
         rho0 = self.rho0 if groups is not None else 0.0  # SPL: γ = 0, one group
         groups = torch.zeros_like(losses, dtype=torch.long) if groups is None else groups
         lam, gamma = spld_pace(losses, self.t, self.pace, self.f0, rho0, self.beta1, self.beta2, groups,
@@ -1003,10 +1009,11 @@ class SPLDSelector:
         return pace_keeps_all(self.t + ahead, self.pace, self.f0, self.beta1, sizes, self.f_max)
 
     def state_dict(self) -> dict:
-        return {"t": self.t, "f_max": self.f_max, "clean_share_estimate": self.clean_share_estimate}
+        return {"t": self.t, "f_max": self.f_max, "auto": self.auto,
+                "clean_share_estimate": self.clean_share_estimate}
 
     def load_state_dict(self, state: dict):
-        self.t, self.f_max = state["t"], state["f_max"]
+        self.t, self.f_max, self.auto = state["t"], state["f_max"], state["auto"]
         self.clean_share_estimate = state["clean_share_estimate"]
 
 
@@ -1107,8 +1114,8 @@ class SPLADVisESampler(torch.utils.data.Sampler):
         return iter(perm[self.rank::self.world].tolist())
 
     def state_dict(self) -> dict:
-        """The pace's t (and f_max="auto"'s cap), the selection idx_selected (K,), the epoch and the seed: all
-        a resumed run needs to yield the same order and pace its next select() at the next t."""
+        """The pace's t (and f_max="auto"'s last estimate), the selection idx_selected (K,), the epoch and the
+        seed: all a resumed run needs to yield the same order and pace its next select() at the next t."""
         return {"selector": self.selector.state_dict(), "idx_selected": self.idx_selected.clone(),
                 "epoch": self.epoch, "seed": self.seed}
 
@@ -1486,17 +1493,18 @@ def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
 
 # ---- 11. embedding process (Alg. 2 step 2: "in parallel with steps 3-16") ----------------------------------
 # The embedding trainer runs in a child process (forkserver), started before the student loads its data; the
-# data and the shared index reach it through a queue. The student (parent) allocates every shared tensor,
-# keeps it alive until the child has exited, and is the only reader; the child is the only writer. CUDA
-# tensors travel by CUDA IPC, CPU tensors live in shared memory. A publish writes the index, synchronises the
-# device, then bumps the version, all under one lock; the reader copies under the same lock and synchronises
-# its device before releasing it, so it never sees half an index.
+# data and the shared index reach it through a queue. The student (parent) allocates every shared tensor and
+# keeps it alive until the child has exited; each has one writer and one reader (below). CUDA tensors travel
+# by CUDA IPC, CPU tensors live in shared memory. A writer copies, synchronises its device, then (the index)
+# bumps the version, all under one lock; a reader copies under the same lock and synchronises its device
+# before releasing it, so it never sees half a tensor. The child waits for the lock in 0.5 s steps, watching
+# its parent: a student killed while holding it never releases it.
 #   name      shape   dtype    writer   reader
 #   assign    (N,)    int64    child    student   cluster id of every training sample
 #   selected  (N,)    bool     student  child     the student's current samples (--embed-on selection)
-#   status    (7,)    float64  child    student   STATUS: version, iteration, the index's quality (NaN: not
-#                                                 judged), the last refresh's seconds, the child's CPU
-# seconds; CPU
+#   status    (7,)    float64  child    student   STATUS: version, iteration, the index's quality (NaN:
+#                                                 not judged), the last refresh's seconds, the child's CPU
+#                                                 seconds; on the CPU
 class EmbeddingFailed(Exception):
     """The embedding process died; the message holds its exception text or exit signal."""
 
@@ -1504,18 +1512,35 @@ class EmbeddingFailed(Exception):
 STATUS = ("version", "iteration", *QUALITY, "refresh_s", "cpu_s")
 
 
-def publish(shared: dict, lock, index: dict, refresh_s: float):
-    with lock:
+def acquire(lock, keep_going) -> bool:
+    """The child takes the lock, checking keep_going() every 0.5 s; False if told to stop first."""
+    while not lock.acquire(timeout=0.5):
+        if not keep_going():
+            return False
+    return True
+
+
+def publish(shared: dict, lock, index: dict, refresh_s: float, keep_going):
+    if not acquire(lock, keep_going):
+        return
+    try:
         shared["assign"].copy_(index["assign"])
         sync(shared["assign"].device)  # the copy lands before the version says it has
         values = [math.nan if index[k] is None else index[k] for k in STATUS[:-2]]
         shared["status"].copy_(torch.tensor(values + [refresh_s, time.process_time()], dtype=torch.float64))
+    finally:
+        lock.release()
 
 
-def read_selection(shared: dict, lock) -> torch.Tensor:
-    with lock:
+def read_selection(shared: dict, lock, keep_going) -> torch.Tensor | None:
+    """The student's current samples (N,) bool; None (fit on all) if told to stop while waiting."""
+    if not acquire(lock, keep_going):
+        return None
+    try:
         selected = shared["selected"].clone()  # (N,) bool
         sync(selected.device)
+    finally:
+        lock.release()
     return selected
 
 
@@ -1544,9 +1569,9 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
         state_path = os.path.join(cfg.run_dir, "embed_state.pt")
         saved = load_cpu(state_path) if cfg.resume and os.path.exists(state_path) else None
         trainer = EmbeddingTrainer(cfg, data, saved)
-        trainer.read_selection = lambda: read_selection(shared, lock)
+        trainer.read_selection = lambda: read_selection(shared, lock, keep_going)
         for index in trainer.schedule(cfg.embed_share, keep_going):  # --embed-share after its warm-up
-            publish(shared, lock, index, trainer.refresh_s)
+            publish(shared, lock, index, trainer.refresh_s, keep_going)
             if keep_going():  # a stopped child saves nothing: the student may be waiting to kill it
                 save_atomic(trainer.state_dict(), state_path)
         while keep_going():  # frozen after the warm-up: wait to be stopped
@@ -1580,16 +1605,19 @@ class EmbeddingProcess:
         self.warmup, self.data, self.cores, self.cause = 0, None, None, None
         self.checked, self.device = 0.0, None
 
-    def start(self, data: dict, n_threads: int, warmup: int, cores_after_warmup: int | None):
-        """Send the data and the shared index to the waiting child; both stay alive here until it exits. Once
-        an index from >= warmup iterations is out, hand_over_cores() says so once (the child then trains at
-        --embed-share)."""
+    def start(self, data: dict, n_threads: int, warmup: int, cores_after_warmup: int | None,
+              selected: torch.Tensor | None = None):
+        """Send the data and the shared tensors to the waiting child; both stay alive here until it exits.
+        Once an index from >= warmup iterations is out, hand_over_cores() says so once (the child then trains
+        at --embed-share). selected (N,) bool: the student's samples so far (a resumed --embed-on selection).
+        """
         share = lambda tensors: {k: v.share_memory_() if v.device.type == "cpu" else v
                                  for k, v in tensors.items()}
         self.device = data["x_train"].device
         n = len(data["y_train"])
         self.shared |= share({"assign": torch.zeros(n, dtype=torch.int64, device=self.device),
-                              "selected": torch.ones(n, dtype=torch.bool, device=self.device)})
+                              "selected": (torch.ones(n, dtype=torch.bool, device=self.device)
+                                           if selected is None else selected.to(self.device, copy=True))})
         self.data, self.warmup, self.cores = share(data), warmup, cores_after_warmup
         self.inbox.put((self.data, self.shared, n_threads))
 
@@ -1653,10 +1681,15 @@ class EmbeddingProcess:
                 "iteration": int(index["iteration"])}
 
     def select(self, mask: torch.Tensor):
-        """Tell the child the student's current samples, mask (N,) bool (--embed-on selection)."""
-        with self.lock:
+        """Tell the child the student's current samples, mask (N,) bool (--embed-on selection); left for the
+        next pass if the lock is not free within 1 s."""
+        if not self.lock.acquire(timeout=1.0):
+            return
+        try:
             self.shared["selected"].copy_(mask)
             sync(self.device)
+        finally:
+            self.lock.release()
 
     def stop(self) -> float:
         """Ask the child to stop, kill it if it does not in time. -> its CPU seconds."""
@@ -1681,8 +1714,10 @@ class InlineEmbedding:
     """Alg. 2 step 2 in the student's own process (--embed-mode inline, deterministic): newest() trains the
     embedding to its next index from after the warm-up. The same interface as EmbeddingProcess."""
 
-    def __init__(self, cfg: Config, data: dict, saved: dict | None):
+    def __init__(self, cfg: Config, data: dict, saved: dict | None, selected: torch.Tensor | None = None):
         self.trainer = EmbeddingTrainer(cfg, data, saved)
+        if selected is not None:  # a resumed --embed-on selection
+            self.select(selected)
         self.warmup = cfg.warmup_iterations(len(data["y_train"]))
         self.steps = self.trainer.schedule()
         self.first = next(self.steps)  # always drawn: the sampler draws from it
@@ -1800,6 +1835,7 @@ class LoopState:
     embed_cpu_s: float = 0.0  # the embedding child's CPU seconds
     embedding_done: str | None = None  # why no later pass needs a new index (embedding then stops for good)
     scores: torch.Tensor | None = None  # InfoBatch: every sample's last training loss (N,)
+    selected: torch.Tensor | None = None  # --embed-on selection: the last selecting pass's samples (N,) bool
 
 
 @dataclass
@@ -1841,7 +1877,8 @@ def start_student(cfg: Config, device: torch.device, cores: int):
         selector.load_state_dict(ckpt["selector"])
         set_rng_states(ckpt["rng"], device)
         saved = ckpt["state"]
-        st = LoopState(**{**saved, "scores": None if saved["scores"] is None else saved["scores"].to(device)})
+        on_device = {k: None if saved[k] is None else saved[k].to(device) for k in ("scores", "selected")}
+        st = LoopState(**{**saved, **on_device})
         metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
         records = read_jsonl(metrics_path, st.updates)
         with open(metrics_path, "w") as f:
@@ -1866,7 +1903,7 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, c
     if cfg.sampler != "spladvise" or st.embedding_done:
         return None, index
     if cfg.embed_mode == "inline":
-        embedding = InlineEmbedding(cfg, data, ckpt["embedding"] if ckpt else None)
+        embedding = InlineEmbedding(cfg, data, ckpt["embedding"] if ckpt else None, st.selected)
         return embedding, index or embedding.first
     embed_device = torch.device(cfg.gpu if cfg.embed_gpu == "same" else cfg.embed_gpu)
     # on the CPU the two processes split the cores; a child on a GPU needs two CPU threads
@@ -1878,7 +1915,8 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, c
               flush=True)
     child = child or EmbeddingProcess(cfg)
     child.start({k: v.to(embed_device) for k, v in data.items()}, child_threads,
-                cfg.warmup_iterations(len(data["y_train"])), cores if cfg.embed_share < 1 else None)
+                cfg.warmup_iterations(len(data["y_train"])), cores if cfg.embed_share < 1 else None,
+                st.selected)
     print(f"[embedding] device={embed_device} threads={child_threads}", flush=True)
     return child, index
 
@@ -1974,8 +2012,8 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
                 print(f"[student] pass {st.passes + 1} selected no sample; stopping", flush=True)
                 break
             if cfg.embed_on == "selection" and embedding is not None and chosen.clusters_used is not None:
-                mask = torch.zeros_like(data["y_train"], dtype=torch.bool)  # (N,) this pass's samples
-                embedding.select(mask.index_fill_(0, chosen.idx, True))
+                st.selected = torch.zeros_like(data["y_train"], dtype=torch.bool)  # (N,) this pass's samples
+                embedding.select(st.selected.index_fill_(0, chosen.idx, True))
             # Alg. 2 steps 3-4: one shuffled pass of mini-batch SGD over them, the lr set by the budget spent
             idx = fill_batches(chosen.idx[torch.randperm(len(chosen.idx), device=device)], cfg.batch_size)
             n_updates = min(math.ceil((1 - st.done) / chosen.share), len(idx) // cfg.batch_size)
@@ -2289,7 +2327,8 @@ def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
         factor, change, rows = BENCH_REGIMES[regime]
         budget = {} if factor is None else dict(epochs=base.epochs * factor,
                                                 updates=round(base.updates * factor))
-        runs = {row: dataclasses.replace(base, **{**budget, **change, **flags, "runs": 1},  # a row's flags win
+        # the row's flags win over its regime's
+        runs = {row: dataclasses.replace(base, **{**budget, **change, **flags, "runs": 1},
                                          out=os.path.join(root, regime, row)) for row, flags in rows.items()}
         # a row's own seed count, within an explicit --runs
         n_seeds = {row: min(flags.get("runs", seeds), seeds) if cfg.runs > 1 else flags.get("runs", seeds)

@@ -385,10 +385,17 @@ def test_build_cluster_index_fitted_on_a_subset_assigns_every_member_to_its_clas
     assert torch.equal(S.build_cluster_index(x, labels, 3, generator=torch.Generator().manual_seed(0),
                                              fit=torch.ones(len(x), dtype=torch.bool))[0], everyone[0])
     sampler = S.NeighbourhoodSampler(assign, centroids, cluster_class)
+    losses = torch.where(fit, 1.0, 100.0).double() * (1 + torch.arange(len(x)) % 3)  # ineligible: large
+    sampler.record(torch.arange(len(x)), losses)
     sampler.reindex(assign, centroids, cluster_class, eligible=fit)
     drawn = torch.cat([sampler.sample(2, 4, torch.Generator().manual_seed(s))[0] for s in range(50)])
     class0 = drawn[labels[drawn] == 0]
     assert len(class0) and fit[class0].all()  # class 0: only fitted examples; class 1 falls back where empty
+    for c in range(6):  # a seed cluster is drawn by the losses of the examples its batches may draw
+        members = (assign == c) & (fit if (fit & (assign == c)).any() else torch.ones_like(fit))
+        assert sampler.cluster_loss[c].item() == pytest.approx(losses[members].mean().item())
+    sampler.record(torch.tensor([int((~fit).nonzero()[0])]), torch.tensor([5000.0]))  # not drawable: ignored
+    assert sampler.cluster_loss[:3].max() < 100
 
 
 @pytest.mark.parametrize("call,message", [
@@ -959,6 +966,12 @@ def test_clean_share_estimate_recovers_the_weight_of_a_two_mode_loss_mixture():
     cleaner = torch.cat([low, high[:1000], low[:2000]])  # the next pass: 90 % from the low mode
     selector.select(cleaner)  # re-estimated at every select()
     assert selector.f_max == pytest.approx(0.9, abs=0.02) and not selector.keeps_all()
+    restored = S.SPLDSelector(f0=0.3, f_max=1.0)
+    restored.load_state_dict(selector.state_dict())  # auto survives a checkpoint
+    restored.select(losses)
+    assert restored.auto and restored.f_max == pytest.approx(0.7, abs=0.02) and restored.t == 3
+    restored.select(torch.full((100,), 0.3, dtype=torch.float64))  # no sign of noise: still a cap below 1
+    assert restored.clean_share_estimate == 1.0 and restored.f_max == 0.99
 
 
 def test_small_loss_keeps_exactly_the_r_t_smallest_losses_of_a_batch_and_ramps_as_co_teaching():
@@ -1876,12 +1889,33 @@ def test_embed_on_selection_fits_the_clusters_on_and_draws_batches_from_the_stud
     drawn = torch.cat([inline.trainer.sampler.sample(cfg.m, cfg.d, torch.Generator().manual_seed(s))[0]
                        for s in range(30)])
     assert kept[drawn].all() and index["assign"].shape == (600,)
+    resumed = S.InlineEmbedding(cfg, data, None, selected=kept)  # --resume: before its first refresh
+    first = torch.cat([resumed.trainer.sampler.sample(cfg.m, cfg.d, torch.Generator().manual_seed(s))[0]
+                       for s in range(30)])
+    assert kept[first].all()
     all_on = S.InlineEmbedding(dataclasses.replace(cfg, embed_on="all"), data, None)
     all_on.select(kept)
     all_on.trainer.refresh(judge=False)
     drawn = torch.cat([all_on.trainer.sampler.sample(cfg.m, cfg.d, torch.Generator().manual_seed(s))[0]
                        for s in range(30)])
     assert not kept[drawn].all()
+
+
+@needs_fmnist
+def test_embed_on_selection_runs_in_process_mode_and_checkpoints_the_selection_it_shares(tmp_path):
+    """The child reads the student's mask through the shared tensor; the checkpoint keeps the last selecting
+    pass's mask for --resume, which finishes the budget."""
+    args = TINY + ["--sampler", "spladvise", "--embed-on", "selection", "--f-max", "0.6", "--updates", "300"]
+    r = cli(args + ["--max-minutes", "0.15"], tmp_path / "run")  # about 9 s: ends mid-budget
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    selecting = [m for m in read_metrics(tmp_path / "run") if m["t"] is not None]
+    assert selecting and ckpt["state"]["selected"].shape == (600,)
+    assert ckpt["state"]["selected"].double().mean().item() == pytest.approx(selecting[-1]["selected_frac"])
+    assert ckpt["state"]["updates"] < 300
+    r = cli(args + ["--resume"], tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert read_metrics(tmp_path / "run")[-1]["updates"] == 300
 
 
 # ---- reliability: every failure ends cleanly, loses nothing, says what happened --------------------------
