@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ./run.sh [flags]        train: python spladvise.py [flags], after installing what is missing
 # ./run.sh test           the test suite (what CI runs), after installing what is missing
-# ./run.sh bench [flags]  the benchmark of README "Results" (python spladvise.py --bench [flags])
+# ./run.sh bench [flags]  the benchmark of README "Where it helps" (python spladvise.py --bench [flags])
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -c "import torch, torchvision, numpy, pytest" 2>/dev/null || python3 -m pip install -r requirements.txt

@@ -22,6 +22,7 @@ K clusters per class, M clusters and D examples per cluster in a magnet batch, L
     lambda,gamma  lam, gamma     easiness / diversity thresholds (Eq. 2)      ()
     beta1,beta2   beta1, beta2   pace factors (Alg. 2, step 16)               ()
     t             selector.t     SPL iteration: selections made so far        ()
+    M, D          m, d           clusters per magnet batch, examples of each  (--m, --d; d is not the width)
     R             refresh        iterations between cluster refreshes         ()
 
 Run (the smallest first):
@@ -29,29 +30,32 @@ Run (the smallest first):
     python spladvise.py --dataset fashionmnist                                       # cpu or paper preset
     python spladvise.py --dataset fashionmnist --gpu 0 --runs 3 --sampler random     # a baseline, 3 seeds
 
-What the defaults reproduce (README "Where it helps": commands, commit, tables): not the paper's gain. On 2
-CPU cores, LeNet student, 5,000 Fashion-MNIST images, 5 seeds: on clean labels no curriculum beats random
-sampling (random 81.68 ± 0.54, SPL-ADVisE 80.75 ± 0.45; paper: 92.77 / 94.12); under 40 % label noise a pace
-capped at the clean share helps (79.00 against 75.64) through which samples it leaves out.
+What the defaults reproduce (README "Where it helps": commands, commits, tables): not the paper's gain. On 2
+CPU cores, LeNet student, Fashion-MNIST: on clean labels no curriculum beats random sampling (the cpu preset's
+`./run.sh`: SPL-ADVisE 85.90 against random's 87.59; paper: 94.12 / 92.77); under 40 % label noise, where
+random sampling memorises the wrong labels, a pace capped at the known clean share ends far above random's
+final accuracy but only about a point above random stopped early on a noisy validation split.
 
-Deviations (each tagged `# DEVIATION:` where it is implemented):
+Deviations (each tagged `# DEVIATION:` where it is implemented; README "Deviations"):
     - Magnet Loss scales by 1/(2σ²), not the 1/(2σ⁴) of every public port (σ² is already a variance).
-    - Pace: λ, γ grow by (1+β1), (1+β2) (step 16 as printed would shrink λ); λ_t, γ_t set from loss quantiles.
+    - Pace: λ, γ grow by (1+β1), (1+β2) (step 16 as printed would shrink λ).
     - Under a cap f_max < 1, ρ_t stops growing where f_t reaches the cap and a pass keeps at most ⌈f_max N⌉.
     - Training budget and LR milestones count mini-batch updates, so every sampler gets equal updates.
     - --pace rank (the authors' count pace): λ becomes one threshold per cluster.
     - --embed-loss triplet_global mines by exact nearest-neighbour search (Smart Mining used FANNG,
       approximate).
-    - The curriculum starts at the first pass after the embedding's warm-up index arrives; t counts
-      from there.
+Choices where the paper is silent are tagged `# UNSPECIFIED:` (README "Choices"): among them λ_t, γ_t from
+loss quantiles, and a curriculum that starts at the first pass after the embedding's warm-up index, t
+counting from there.
 Not implemented: the pre-activation ResNet-18 of the authors' code (the paper names ResNet-18; we use the
 standard CIFAR form); reading SVHN's .mat files without scipy (torchvision's reader needs it).
 
 Sections (`grep -n '^# ----' spladvise.py`):
     1 imports · 2 Config · 3 data · 4 networks · 5 K-Means++ and the cluster index · 6 Magnet Loss and
     neighbourhood sampling (Alg. 1) · 7 other deep-metric-learning objectives (§5) · 8 SPLD selector (Alg. 2,
-    Eq. 2) · 9 your own loop: a Sampler · 10 training steps and evaluation · 11 embedding process (two-process
-    plumbing) · 12 student loop (Alg. 2) · 13 runs, seeds and benchmark · 14 figures (Figs. 2, 3) · 15 CLI
+    Eq. 2) · 9 your own loop: a Sampler · 10 training steps and evaluation · 11 embedding trainer (Alg. 1) and
+    process (two-process plumbing) · 12 student loop (Alg. 2) · 13 runs, seeds and benchmark · 14 figures
+    (Figs. 2, 3) · 15 CLI
 """
 
 # ---- 1. imports --------------------------------------------------------------------------------------------
@@ -90,7 +94,7 @@ class Config:
     # run
     dataset: str = "fashionmnist"  # fashionmnist | mnist | svhn | cifar10 | cifar100
     sampler: str = "spladvise"  # spladvise | spld | spl | random (§4) | random-pace | infobatch | small-loss
-    preset: str = "auto"  # paper | cpu | bench | auto (paper on CUDA, else cpu; bench if --bench); fills None
+    preset: str = "auto"  # paper | cpu | bench | auto (paper on CUDA, else bench under --bench, else cpu)
     seed: int = 0  # embedding process uses seed + 1
     runs: int = 1  # seeds seed .. seed+runs-1, each under OUT/seed-S, plus OUT/aggregate.json (--bench: 5)
     gpu: str = "auto"  # CUDA index, -1 = CPU, auto = cuda:0 when available
@@ -618,9 +622,9 @@ def build_cluster_index(emb: torch.Tensor, labels: torch.Tensor, k: int, iters: 
 # ---- 6. Magnet Loss and neighbourhood sampling (paper §3.1, Eq. 1, Alg. 1) ---------------------------------
 def magnet_loss(r: torch.Tensor, classes: torch.Tensor, clusters: torch.Tensor, alpha: float = 1.0):
     """Magnet Loss, Eq. 1 (Rippel et al. 2016, https://arxiv.org/abs/1511.05939). r (B, d) embeddings;
-    classes (B,); clusters (B,) ids, examples sharing an id form one batch cluster whose mean is mu (gradient
-    flows through mu and sigma2). Cluster ids may stay on the CPU while r is on a GPU: the grouping then costs
-    the device no synchronisation. -> loss (), per-example losses (B,), sigma2 ()."""
+    classes (B,) on r's device; clusters (B,) ids, examples sharing an id form one batch cluster whose mean
+    is mu (gradient flows through mu and sigma2). Cluster ids may stay on the CPU while r is on a GPU: the
+    grouping then costs the device no synchronisation. -> loss (), per-example losses (B,), sigma2 ()."""
     if r.dim() != 2 or classes.shape != r.shape[:1] or clusters.shape != r.shape[:1]:
         raise ValueError(f"magnet_loss needs r (B, d), classes (B,), clusters (B,); got {tuple(r.shape)}, "
                          f"{tuple(classes.shape)}, {tuple(clusters.shape)}")
@@ -685,8 +689,8 @@ class NeighbourhoodSampler:
         return loss
 
     def record(self, indices: torch.Tensor, losses: torch.Tensor):
-        """Store the per-example losses of a batch (zeros count: the example is well placed); the per-cluster
-        sums are updated by the change only."""
+        """Store the per-example losses of a batch, indices (B,) and losses (B,) (zeros count: the example is
+        well placed); the per-cluster sums are updated by the change only."""
         indices, losses = indices.cpu(), losses.detach().double().cpu()
         unique, inverse = torch.unique(indices, return_inverse=True)  # an example drawn twice counts once
         last = torch.zeros(len(unique), dtype=torch.long).scatter_reduce_(
@@ -701,14 +705,15 @@ class NeighbourhoodSampler:
         self.cluster_loss = self.cluster_losses()
 
     def sample(self, m: int, d: int, generator: torch.Generator | None = None):
-        """-> indices (m*d,) and their batch cluster ids (m*d,), ids being global cluster ids."""
+        """Alg. 1 steps 3-5: m = M clusters, d = D examples of each; generator: a CPU generator. -> indices
+        (m*d,) and their batch cluster ids (m*d,), ids being global cluster ids."""
         if m - 1 > self.n_impostors:
             raise ValueError(f"m={m} clusters per batch needs m-1 impostor clusters of other classes; "
                              f"there are only {self.n_impostors}")
         weights = self.cluster_loss if self.cluster_loss.sum() > 0 else torch.ones_like(self.cluster_loss)
-        seed = int(torch.multinomial(weights, 1, generator=generator))  # Alg. 1: I_1 ~ p_I ∝ cluster loss
-        impostors = self.impostors[seed, :m - 1]  # (m-1,) Alg. 1: the nearest clusters of other classes
-        chosen = torch.cat([torch.tensor([seed]), impostors])  # (m,)
+        seed_cluster = int(torch.multinomial(weights, 1, generator=generator))  # Alg. 1: I_1 ~ p_I ∝ loss
+        impostors = self.impostors[seed_cluster, :m - 1]  # (m-1,) Alg. 1: nearest clusters of other classes
+        chosen = torch.cat([torch.tensor([seed_cluster]), impostors])  # (m,)
         indices = []
         for c in chosen.tolist():  # D examples per cluster, with replacement only if it has fewer than D
             n = len(self.members[c])
@@ -722,10 +727,10 @@ def magnet_predict(emb: torch.Tensor, centroids: torch.Tensor, cluster_class: to
                    n_neighbours: int) -> torch.Tensor:
     """Magnet Loss's classifier (Rippel et al. §3.2): soft vote of the L nearest cluster centres,
     c* = argmax_c Σ_{μ of class c} exp(−‖r−μ‖²/(2σ̄²)). emb (B, d) -> predicted classes (B,)."""
-    d2, nearest = sq_dists(emb, centroids).topk(n_neighbours, dim=1, largest=False)  # (B, L), (B, L)
+    d2, closest = sq_dists(emb, centroids).topk(n_neighbours, dim=1, largest=False)  # (B, L), (B, L)
     weight = torch.softmax(-d2 / (2 * variance), dim=1)  # (B, L) normalising per row keeps the argmax
     votes = weight.new_zeros(len(emb), int(cluster_class.max()) + 1)  # (B, C)
-    return votes.scatter_add_(1, cluster_class[nearest], weight).argmax(1)  # (B,)
+    return votes.scatter_add_(1, cluster_class[closest], weight).argmax(1)  # (B,)
 
 
 # ---- 7. other deep-metric-learning objectives (paper §5) ---------------------------------------------------
@@ -904,11 +909,10 @@ def rank_quota(f: float, sizes: torch.Tensor) -> int:
 
 
 def pace_fraction(t: int, f0: float, beta1: float, f_max: float = 1.0) -> float:
-    """f_t = f0 (1+β1)^t, the share SPL iteration t keeps by easiness alone (Alg. 2 step 16; DEVIATION: grows
-    by (1+β1); step 16 as printed, λ ← β1 λ, would shrink it), capped at f_max < 1 (the clean share under
-    label noise, as Co-teaching keeps). Uncapped it may pass 1: the rank pace's K_t = ⌈f_t · mean cluster
-    size⌉ must outgrow the mean to reach the largest cluster."""
-    f = f0 * (1 + beta1) ** t
+    """f_t = f0 (1+β1)^t, the share SPL iteration t keeps by easiness alone (Alg. 2 step 16), capped at
+    f_max < 1. Uncapped it may pass 1: the rank pace's K_t = ⌈f_t · mean cluster size⌉ must reach the
+    largest cluster."""
+    f = f0 * (1 + beta1) ** t  # DEVIATION: × (1+β1); step 16 as printed, λ ← β1 λ, would shrink it
     return min(f, f_max) if f_max < 1 else f
 
 
@@ -931,7 +935,7 @@ def spld_pace(losses: torch.Tensor, t: int, mode: str, f0: float, rho0: float, b
     rho = rho0 * (1 + beta2) ** min(t, cap_iteration(f0, beta1, f_max))  # DEVIATION: × (1+β2), as λ's pace
     f = pace_fraction(t, f0, beta1, f_max)
     quantile = torch.quantile(losses.double(), min(f, 1.0)).item()
-    if mode == "rank":  # the authors' count pace: λ per cluster; Eq. 2 still decides
+    if mode == "rank":  # DEVIATION: the authors' count pace, one λ_k per cluster; Eq. 2 still decides
         order, rank, sizes = rank_in_group(losses, groups)  # (N,), (N,), (G,)
         lam = torch.full((len(sizes),), math.inf, dtype=torch.float64, device=losses.device)  # (G,)
         first_out = order[rank == rank_quota(f, sizes) + 1]  # the (K_t+1)-th lowest loss of each larger group
@@ -988,7 +992,9 @@ class SPLDSelector:
 
     def select(self, losses: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         """losses (N,), groups (N,) cluster ids or None -> mask (N,) bool."""
-        if self.auto:  # UNSPECIFIED: re-estimated at every select() from the current losses
+        # UNSPECIFIED: re-estimated at every select() from the current losses; the pace then reads the new
+        # cap, so ρ_t's stop (cap_iteration) moves with it
+        if self.auto:
             self.clean_share_estimate = clean_share_estimate(losses)
             self.f_max = min(self.clean_share_estimate, 1 - 1 / len(losses))  # "no noise" is still a cap
         rho0 = self.rho0 if groups is not None else 0.0  # SPL: γ = 0, one group
@@ -1013,8 +1019,9 @@ class SPLDSelector:
                 "clean_share_estimate": self.clean_share_estimate}
 
     def load_state_dict(self, state: dict):
-        self.t, self.f_max, self.auto = state["t"], state["f_max"], state["auto"]
-        self.clean_share_estimate = state["clean_share_estimate"]
+        """The state of state_dict(); one saved before --f-max auto existed keeps this selector's own mode."""
+        self.t, self.f_max, self.auto = state["t"], state["f_max"], state.get("auto", self.auto)
+        self.clean_share_estimate = state.get("clean_share_estimate")
 
 
 def fixed_pixel_clusters(data: dict, k: int, iters: int, seed: int, max_bytes: int = 2 ** 28) -> torch.Tensor:
@@ -1297,6 +1304,7 @@ def student_step(net, opt, x, y, lr: float, amp: bool, weights=None, keep_rate: 
     return per_sample.detach()
 
 
+# ---- 11. embedding trainer (Alg. 1) and process (Alg. 2 step 2: "in parallel with steps 3-16") -------------
 QUALITY = ("embed_acc", "embed_recall1", "embed_nmi")  # how an index's embedding is judged on the test set
 
 
@@ -1352,6 +1360,9 @@ class EmbeddingTrainer:
         gen = torch.Generator(emb.device).manual_seed(cfg.seed + 1 + self.version)
         # --embed-on selection: mostly clean labels once the curriculum's cap leaves the noisy share out
         fit = self.read_selection() if cfg.embed_on == "selection" else None  # (N,) bool or None
+        if fit is not None:
+            print(f"[embedding] index {self.version + 1} fitted on {int(fit.sum())} of {len(fit)} samples "
+                  f"(--embed-on selection)", flush=True)
         assign, centroids, cluster_class = build_cluster_index(emb, y, cfg.k, cfg.kmeans_iters, gen, fit)
         if not keep_going():
             return None
@@ -1436,7 +1447,7 @@ class EmbeddingTrainer:
         logits = self.head(F.normalize(r, dim=1))  # (P*K, C) the class-aware attention's classifier
         return osm_caa_loss(r, y[idx], logits) + F.cross_entropy(logits, y[idx]), None
 
-    def train(self, n_iters: int, keep_going=lambda: True, share: float = 1.0):
+    def train_steps(self, n_iters: int, keep_going=lambda: True, share: float = 1.0):
         """Alg. 1 steps 3-7 for n_iters iterations: a batch, its loss, an Adam step; the Magnet Loss also
         records the per-example losses for the next seed draws. One device sync per iteration. share < 1:
         sleep after each iteration so that training takes that share of the wall time."""
@@ -1471,7 +1482,7 @@ class EmbeddingTrainer:
             target = next_refresh(self.iteration, every, warmup)
             if target is None or not keep_going():
                 return
-            self.train(target - self.iteration, keep_going, 1.0 if self.iteration < warmup else share)
+            self.train_steps(target - self.iteration, keep_going, 1.0 if self.iteration < warmup else share)
             index = self.timed_refresh(self.iteration >= warmup, keep_going) if keep_going() else None
 
     def timed_refresh(self, judge: bool, keep_going) -> dict | None:
@@ -1491,7 +1502,6 @@ def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
     return min(nxt, warmup) if iteration < warmup else nxt
 
 
-# ---- 11. embedding process (Alg. 2 step 2: "in parallel with steps 3-16") ----------------------------------
 # The embedding trainer runs in a child process (forkserver), started before the student loads its data; the
 # data and the shared index reach it through a queue. The student (parent) allocates every shared tensor and
 # keeps it alive until the child has exited; each has one writer and one reader (below). CUDA tensors travel
@@ -1534,6 +1544,7 @@ def publish(shared: dict, lock, index: dict, refresh_s: float, keep_going):
 
 def read_selection(shared: dict, lock, keep_going) -> torch.Tensor | None:
     """The student's current samples (N,) bool; None (fit on all) if told to stop while waiting."""
+    sync(shared["selected"].device)  # the refresh's queued forward pass finishes before, not under, the lock
     if not acquire(lock, keep_going):
         return None
     try:
@@ -1680,10 +1691,12 @@ class EmbeddingProcess:
         return {**index, "assign": assign, "version": int(index["version"]),
                 "iteration": int(index["iteration"])}
 
-    def select(self, mask: torch.Tensor):
+    def share_selection(self, mask: torch.Tensor):
         """Tell the child the student's current samples, mask (N,) bool (--embed-on selection); left for the
         next pass if the lock is not free within 1 s."""
         if not self.lock.acquire(timeout=1.0):
+            print("[embedding] the shared lock was busy for 1 s: the child keeps the previous selection "
+                  "until the next pass", flush=True)
             return
         try:
             self.shared["selected"].copy_(mask)
@@ -1717,7 +1730,7 @@ class InlineEmbedding:
     def __init__(self, cfg: Config, data: dict, saved: dict | None, selected: torch.Tensor | None = None):
         self.trainer = EmbeddingTrainer(cfg, data, saved)
         if selected is not None:  # a resumed --embed-on selection
-            self.select(selected)
+            self.share_selection(selected)
         self.warmup = cfg.warmup_iterations(len(data["y_train"]))
         self.steps = self.trainer.schedule()
         self.first = next(self.steps)  # always drawn: the sampler draws from it
@@ -1731,7 +1744,7 @@ class InlineEmbedding:
     def hand_over_cores(self) -> bool:
         return False
 
-    def select(self, mask: torch.Tensor):
+    def share_selection(self, mask: torch.Tensor):
         mask = mask.clone()
         self.trainer.read_selection = lambda: mask
 
@@ -1877,7 +1890,7 @@ def start_student(cfg: Config, device: torch.device, cores: int):
         selector.load_state_dict(ckpt["selector"])
         set_rng_states(ckpt["rng"], device)
         saved = ckpt["state"]
-        on_device = {k: None if saved[k] is None else saved[k].to(device) for k in ("scores", "selected")}
+        on_device = {k: None if saved.get(k) is None else saved[k].to(device) for k in ("scores", "selected")}
         st = LoopState(**{**saved, **on_device})
         metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
         records = read_jsonl(metrics_path, st.updates)
@@ -1995,6 +2008,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
         aug, amp = parse_augment(cfg.augment), bf16_enabled(cfg.amp, device, "student")
         forward = torch.compile(net) if cfg.compile else net
         stopped = None  # why the loop ends early: a dead child, a signal, the time budget
+        # each pass: step 2 (the newest clusters), steps 5-13 and 16 (score, select, pace), steps 3-4 (train)
         while st.done < 1 and not stopped:
             t0 = time.time()
             # Alg. 2 step 2: the newest clusters, never waited for
@@ -2013,7 +2027,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
                 break
             if cfg.embed_on == "selection" and embedding is not None and chosen.clusters_used is not None:
                 st.selected = torch.zeros_like(data["y_train"], dtype=torch.bool)  # (N,) this pass's samples
-                embedding.select(st.selected.index_fill_(0, chosen.idx, True))
+                embedding.share_selection(st.selected.index_fill_(0, chosen.idx, True))
             # Alg. 2 steps 3-4: one shuffled pass of mini-batch SGD over them, the lr set by the budget spent
             idx = fill_batches(chosen.idx[torch.randperm(len(chosen.idx), device=device)], cfg.batch_size)
             n_updates = min(math.ceil((1 - st.done) / chosen.share), len(idx) // cfg.batch_size)

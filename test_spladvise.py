@@ -951,27 +951,31 @@ def test_spld_select_max_keep_keeps_the_largest_margins_of_eq2():
 
 def test_clean_share_estimate_recovers_the_weight_of_a_two_mode_loss_mixture():
     """DivideMix's two-component mixture on losses: 70 % from a low mode and 30 % from a high one give a clean
-    share within 0.02 of 0.7, whatever the scale, and
-    f_max="auto" caps the selector there at its first select()."""
+    share within 0.02 of 0.7, whatever the scale; f_max="auto" caps the selector at the estimate of every
+    select(); a state saved before auto existed loads."""
     gen = torch.Generator().manual_seed(0)
     low = torch.randn(7000, generator=gen, dtype=torch.float64).abs() * 0.2
     high = 2.5 + 0.4 * torch.randn(3000, generator=gen, dtype=torch.float64)
     losses = torch.cat([low, high])[torch.randperm(10000, generator=gen)]
     assert S.clean_share_estimate(losses) == pytest.approx(0.7, abs=0.02)
     assert S.clean_share_estimate(100 * losses) == pytest.approx(S.clean_share_estimate(losses))
-    selector = S.SPLDSelector(f0=0.3, f_max="auto")
+    selector = S.SPLDSelector(f0=0.95, f_max="auto")  # f0 above the clean share: the estimate decides
     mask = selector.select(losses)
     assert selector.f_max == selector.clean_share_estimate == pytest.approx(0.7, abs=0.02)
-    assert mask.double().mean().item() <= selector.f_max + 1e-3
+    assert mask.double().mean().item() == pytest.approx(selector.f_max, abs=1e-3)
     cleaner = torch.cat([low, high[:1000], low[:2000]])  # the next pass: 90 % from the low mode
-    selector.select(cleaner)  # re-estimated at every select()
-    assert selector.f_max == pytest.approx(0.9, abs=0.02) and not selector.keeps_all()
-    restored = S.SPLDSelector(f0=0.3, f_max=1.0)
+    mask = selector.select(cleaner)  # re-estimated at every select()
+    assert selector.f_max == pytest.approx(0.9, abs=0.02)
+    assert mask.double().mean().item() == pytest.approx(selector.f_max, abs=1e-3)
+    restored = S.SPLDSelector(f0=0.95, f_max=1.0)
     restored.load_state_dict(selector.state_dict())  # auto survives a checkpoint
     restored.select(losses)
     assert restored.auto and restored.f_max == pytest.approx(0.7, abs=0.02) and restored.t == 3
     restored.select(torch.full((100,), 0.3, dtype=torch.float64))  # no sign of noise: still a cap below 1
     assert restored.clean_share_estimate == 1.0 and restored.f_max == 0.99
+    old = S.SPLDSelector(f0=0.3, f_max=0.6)
+    old.load_state_dict({"t": 4, "f_max": 0.6})  # a checkpoint from before --f-max auto
+    assert old.t == 4 and not old.auto and old.clean_share_estimate is None
 
 
 def test_small_loss_keeps_exactly_the_r_t_smallest_losses_of_a_batch_and_ramps_as_co_teaching():
@@ -1874,16 +1878,16 @@ def test_a_refresh_stops_between_its_chunks_once_asked_and_publishes_nothing(tmp
 
 @needs_fmnist
 def test_embed_on_selection_fits_the_clusters_on_and_draws_batches_from_the_students_samples(tmp_path):
-    """--embed-on selection: after the student tells the embedding its samples (inline and process mode alike
-    through select()), the next refresh fits each class's centroids on them and its Magnet batches draw only
-    them; without it, every sample."""
+    """--embed-on selection: after the student tells the embedding its samples (share_selection(), the same in
+    process mode), the next refresh fits each class's centroids on them and its Magnet batches draw only them;
+    without it, every sample."""
     cfg = S.resolve_config(S.parse_args(TINY + ["--updates", "5", "--embed-mode", "inline", "--embed-on",
                                                 "selection", "--out", str(tmp_path)]))
     data = S.prepare_data(cfg, torch.device("cpu"))
     inline = S.InlineEmbedding(cfg, data, None)
     mask = torch.arange(600) % 3 > 0  # two thirds of every class
-    inline.select(mask)
-    mask[:] = False  # select() keeps its own copy
+    inline.share_selection(mask)
+    mask[:] = False  # share_selection() keeps its own copy
     index = inline.trainer.refresh(judge=False)
     kept = torch.arange(600) % 3 > 0
     drawn = torch.cat([inline.trainer.sampler.sample(cfg.m, cfg.d, torch.Generator().manual_seed(s))[0]
@@ -1894,7 +1898,7 @@ def test_embed_on_selection_fits_the_clusters_on_and_draws_batches_from_the_stud
                        for s in range(30)])
     assert kept[first].all()
     all_on = S.InlineEmbedding(dataclasses.replace(cfg, embed_on="all"), data, None)
-    all_on.select(kept)
+    all_on.share_selection(kept)
     all_on.trainer.refresh(judge=False)
     drawn = torch.cat([all_on.trainer.sampler.sample(cfg.m, cfg.d, torch.Generator().manual_seed(s))[0]
                        for s in range(30)])
@@ -1903,19 +1907,25 @@ def test_embed_on_selection_fits_the_clusters_on_and_draws_batches_from_the_stud
 
 @needs_fmnist
 def test_embed_on_selection_runs_in_process_mode_and_checkpoints_the_selection_it_shares(tmp_path):
-    """The child reads the student's mask through the shared tensor; the checkpoint keeps the last selecting
-    pass's mask for --resume, which finishes the budget."""
-    args = TINY + ["--sampler", "spladvise", "--embed-on", "selection", "--f-max", "0.6", "--updates", "300"]
-    r = cli(args + ["--max-minutes", "0.15"], tmp_path / "run")  # about 9 s: ends mid-budget
-    assert r.returncode == 0, r.stderr
+    """The child reads the student's mask through the shared tensor: a refresh after the first selection fits
+    on exactly a selecting pass's samples, not on all 600; the checkpoint keeps the last selecting pass's mask
+    for --resume, which finishes the budget."""
+    args = TINY + ["--sampler", "spladvise", "--embed-on", "selection", "--f-max", "0.6", "--updates", "600"]
+    proc = start(args, tmp_path / "run")
+    line = wait_for_line(proc, "samples (--embed-on selection)", 120)
+    while "fitted on 600 of 600" in line:  # until the student's first selection the mask holds every sample
+        line = wait_for_line(proc, "samples (--embed-on selection)", 120)
+    fitted = int(line.split("fitted on ")[1].split()[0])
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130, proc.stderr.read()
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     selecting = [m for m in read_metrics(tmp_path / "run") if m["t"] is not None]
-    assert selecting and ckpt["state"]["selected"].shape == (600,)
+    assert fitted in {round(600 * m["selected_frac"]) for m in selecting} and fitted < 600
+    assert ckpt["state"]["selected"].shape == (600,) and ckpt["state"]["updates"] < 600
     assert ckpt["state"]["selected"].double().mean().item() == pytest.approx(selecting[-1]["selected_frac"])
-    assert ckpt["state"]["updates"] < 300
     r = cli(args + ["--resume"], tmp_path / "run")
     assert r.returncode == 0, r.stderr
-    assert read_metrics(tmp_path / "run")[-1]["updates"] == 300
+    assert read_metrics(tmp_path / "run")[-1]["updates"] == 600
 
 
 # ---- reliability: every failure ends cleanly, loses nothing, says what happened --------------------------
