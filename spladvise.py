@@ -1266,7 +1266,8 @@ def forward_all(net, x, mean, std, batch: int, amp: bool = False) -> torch.Tenso
 
 def training_losses(net, data: dict, batch: int) -> torch.Tensor:
     """Alg. 2 steps 5-6: every training sample's cross-entropy under the student, in float32 whatever --amp
-    (bf16 logits tie, and ties shift Eq. 2's ranks) -> (N,)."""
+    (bf16 logits tie, and ties shift Eq. 2's ranks) -> (N,). The CLI's form, over the uint8 images on the
+    device; score_losses is the same for any map-style Dataset."""
     with true_float32():
         logits = forward_all(net, data["x_train"], data["mean"], data["std"], batch)  # (N, C)
     return F.cross_entropy(logits, data["y_train"], reduction="none")  # (N,)
@@ -1409,9 +1410,8 @@ class EmbeddingTrainer:
         """Fig. 2's input: the first 50 test images of each class, the same at every version ->
         OUT/embeddings/."""
         y_test = self.data["y_test"]
-        order, rank, _ = rank_in_group(
-            torch.arange(len(y_test), dtype=torch.float64, device=y_test.device), y_test)
-        sample = order[rank <= 50]
+        sample = torch.cat([(y_test == c).nonzero().flatten()[:50]
+                            for c in range(int(y_test.max()) + 1)])  # (≤ 50·C,) class by class
         path = os.path.join(self.cfg.run_dir, "embeddings", f"v{self.version:05d}.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_atomic({"version": self.version, "iteration": self.iteration, "emb": test_emb[sample].cpu(),
