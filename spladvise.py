@@ -16,7 +16,7 @@ K clusters per class, M clusters and D examples per cluster in a magnet batch, L
     mu_m          mu             batch mean of magnet cluster m               (M, d)
     sigma^2       sigma2         variance of r around its cluster mean        ()
     alpha         alpha          Magnet Loss margin                           ()
-    I_1, p_I      seed, weights  seed cluster, drawn with p ∝ cluster loss    (C*K,)
+    I_1, p_I      seed_cluster   seed cluster, drawn with p ∝ cluster loss    (C*K,) weights
     L_i           losses         student cross-entropy of sample i            (N,)
     W             mask           SPLD selection                               (N,)
     lambda,gamma  lam, gamma     easiness / diversity thresholds (Eq. 2)      ()
@@ -818,7 +818,7 @@ def triplet_margin_step(margin: float, active_share: float, target: float = 0.5,
 def dml_crc_loss(z: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0, tau: float = 1.0,
                  n_classes: int | None = None) -> torch.Tensor:
     """DML-CRC (Chakraborti et al., arXiv:1905.01168; UNSPECIFIED: no formulas were published). z (B, d) = A·f
-    with A the learnt Mahalanobis factor (M = AᵀA). Each example's collaborative code over the other B − 1
+    with A the learnt Mahalanobis factor (metric AᵀA). Each example's collaborative code over the other B − 1
     examples D: c = (DᵀD + κI)⁻¹Dᵀz_i; class residuals r_k = ‖z_i − D_k c_k‖² for the classes present among
     the others; the loss is the mean cross-entropy of softmax(−r/τ) against y_i. Needs ≥ 2 examples of each
     class. n_classes (C) given, nothing waits for the device."""
@@ -1019,7 +1019,7 @@ class SPLDSelector:
                 "clean_share_estimate": self.clean_share_estimate}
 
     def load_state_dict(self, state: dict):
-        """The state of state_dict(); one saved before --f-max auto existed keeps this selector's own mode."""
+        """The state of state_dict(); one saved before the auto flag was stored keeps this selector's mode."""
         self.t, self.f_max, self.auto = state["t"], state["f_max"], state.get("auto", self.auto)
         self.clean_share_estimate = state.get("clean_share_estimate")
 
@@ -1318,7 +1318,7 @@ class EmbeddingTrainer:
         self.cfg, self.data = cfg, data
         device, n_classes = data["x_train"].device, int(data["y_train"].max()) + 1
         self.net = build_net(cfg.embed_net, data["x_train"].shape[1:], cfg.embed_dim, 0.0, device)
-        # z = A·f: A, the Mahalanobis factor (M = AᵀA), is the net's last layer
+        # z = A·f: A, the Mahalanobis factor (metric AᵀA), is the net's last layer
         if cfg.embed_loss == "dml_crc":
             self.net = nn.Sequential(self.net, nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=False)).to(device)
             nn.init.eye_(self.net[1].weight)
@@ -1409,9 +1409,8 @@ class EmbeddingTrainer:
     def save_snapshot(self, test_emb: torch.Tensor):
         """Fig. 2's input: the first 50 test images of each class, the same at every version ->
         OUT/embeddings/."""
-        y_test = self.data["y_test"]
-        sample = torch.cat([(y_test == c).nonzero().flatten()[:50]
-                            for c in range(int(y_test.max()) + 1)])  # (≤ 50·C,) class by class
+        y_test, y = self.data["y_test"], self.data["y_test"].cpu()  # one device sync, not one per class
+        sample = torch.cat([(y == c).nonzero().flatten()[:50] for c in range(int(y.max()) + 1)])  # (≤ 50·C,)
         path = os.path.join(self.cfg.run_dir, "embeddings", f"v{self.version:05d}.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_atomic({"version": self.version, "iteration": self.iteration, "emb": test_emb[sample].cpu(),

@@ -952,7 +952,7 @@ def test_spld_select_max_keep_keeps_the_largest_margins_of_eq2():
 def test_clean_share_estimate_recovers_the_weight_of_a_two_mode_loss_mixture():
     """DivideMix's two-component mixture on losses: 70 % from a low mode and 30 % from a high one give a clean
     share within 0.02 of 0.7, whatever the scale; f_max="auto" caps the selector at the estimate of every
-    select(); a state saved before auto existed loads."""
+    select(); a state saved before the auto flag was stored loads."""
     gen = torch.Generator().manual_seed(0)
     low = torch.randn(7000, generator=gen, dtype=torch.float64).abs() * 0.2
     high = 2.5 + 0.4 * torch.randn(3000, generator=gen, dtype=torch.float64)
@@ -974,7 +974,7 @@ def test_clean_share_estimate_recovers_the_weight_of_a_two_mode_loss_mixture():
     restored.select(torch.full((100,), 0.3, dtype=torch.float64))  # no sign of noise: still a cap below 1
     assert restored.clean_share_estimate == 1.0 and restored.f_max == 0.99
     old = S.SPLDSelector(f0=0.3, f_max=0.6)
-    old.load_state_dict({"t": 4, "f_max": 0.6})  # a checkpoint from before --f-max auto
+    old.load_state_dict({"t": 4, "f_max": 0.6, "clean_share_estimate": None})  # before "auto" was stored
     assert old.t == 4 and not old.auto and old.clean_share_estimate is None
 
 
