@@ -644,6 +644,14 @@ def magnet_loss(r: torch.Tensor, classes: torch.Tensor, clusters: torch.Tensor, 
     return per_example.mean(), per_example, sigma2
 
 
+def draw_members(members: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n of members (indices), uniformly: without replacement, or with it only if there are fewer than n.
+    -> (n,)"""
+    pick = (torch.randperm(len(members), generator=generator)[:n] if len(members) >= n
+            else torch.randint(len(members), (n,), generator=generator))
+    return members[pick]  # (n,)
+
+
 class NeighbourhoodSampler:
     """Alg. 1's batch construction over a cluster index (build_cluster_index's output): a seed cluster drawn
     with p ∝ its loss, its M−1 nearest impostor clusters, D examples from each. Keeps every example's last
@@ -714,12 +722,7 @@ class NeighbourhoodSampler:
         seed_cluster = int(torch.multinomial(weights, 1, generator=generator))  # Alg. 1: I_1 ~ p_I ∝ loss
         impostors = self.impostors[seed_cluster, :m - 1]  # (m-1,) Alg. 1: nearest clusters of other classes
         chosen = torch.cat([torch.tensor([seed_cluster]), impostors])  # (m,)
-        indices = []
-        for c in chosen.tolist():  # D examples per cluster, with replacement only if it has fewer than D
-            n = len(self.members[c])
-            pick = (torch.randperm(n, generator=generator)[:d] if n >= d
-                    else torch.randint(n, (d,), generator=generator))
-            indices.append(self.members[c][pick])
+        indices = [draw_members(self.members[c], d, generator) for c in chosen.tolist()]  # Alg. 1: D of each
         return torch.cat(indices), chosen.repeat_interleave(d)  # (m*d,), (m*d,)
 
 
@@ -742,13 +745,7 @@ def class_balanced_batch(by_class: list, p: int, k: int,
     """P random classes × K random examples of each (drawn with replacement only inside a class smaller than
     K). by_class: one index tensor per class -> idx (P*K,)"""
     classes = torch.randperm(len(by_class), generator=generator)[:p]  # (P,)
-    idx = []
-    for c in classes.tolist():
-        members = by_class[c]
-        pick = (torch.randperm(len(members), generator=generator)[:k] if len(members) >= k else
-                torch.randint(len(members), (k,), generator=generator))
-        idx.append(members[pick])
-    return torch.cat(idx)  # (P*K,)
+    return torch.cat([draw_members(by_class[c], k, generator) for c in classes.tolist()])  # (P*K,)
 
 
 def osm_caa_loss(emb: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor, margin: float = 1.2,
@@ -1475,21 +1472,17 @@ class EmbeddingTrainer:
         Ends when frozen after the warm-up (R = -1) or when keep_going() turns false."""
         n = len(self.data["y_train"])
         every, warmup = self.cfg.refresh_iterations(n), self.cfg.warmup_iterations(n)
-        index = self.timed_refresh(self.iteration >= warmup, keep_going)
-        while index is not None:
+        while keep_going():
+            t0 = time.time()
+            index = self.refresh(self.iteration >= warmup, keep_going)
+            self.refresh_s = time.time() - t0  # the student's stop timeout is sized from it
+            if index is None:
+                return
             yield index
             target = next_refresh(self.iteration, every, warmup)
-            if target is None or not keep_going():
+            if target is None:
                 return
             self.train_steps(target - self.iteration, keep_going, 1.0 if self.iteration < warmup else share)
-            index = self.timed_refresh(self.iteration >= warmup, keep_going) if keep_going() else None
-
-    def timed_refresh(self, judge: bool, keep_going) -> dict | None:
-        """refresh(), its seconds kept in refresh_s (the student's stop timeout is sized from them)."""
-        t0 = time.time()
-        index = self.refresh(judge, keep_going)
-        self.refresh_s = time.time() - t0
-        return index
 
 
 def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
@@ -2210,10 +2203,6 @@ def run_stats(run_dir: str) -> dict:
             "metrics": m}
 
 
-NUMBERS = ("final_acc", "best_acc", "early_stopped_acc", "clean_share_estimate", "updates", "wall_s",
-           "s_per_1k", *PHASES, "embed_cpu_share", "curriculum_update", "label_precision")
-
-
 def aggregate_runs(run_dirs: list[str], n_points: int = 20) -> dict:
     """Mean ± std over seeds of every run_stats number, and the mean test-accuracy curve (paper Fig. 3)."""
     runs = [run_stats(d) for d in run_dirs]
@@ -2222,7 +2211,8 @@ def aggregate_runs(run_dirs: list[str], n_points: int = 20) -> dict:
     at = np.array([np.interp(grid, [m["updates"] for m in r["metrics"]],
                              [m["test_acc"] for m in r["metrics"]], left=np.nan, right=np.nan)
                    for r in runs])  # (runs, points), NaN where none was measured
-    result = {key: mean_std([r[key] for r in runs]) for key in NUMBERS}
+    result = {key: mean_std([r[key] for r in runs]) for key, value in runs[0].items()
+              if not isinstance(value, list)}  # every number of run_stats
     result.update({key: sum((r[key] for r in runs), []) for key in ("used_acc", "used_recall1")})
     result.update(runs=run_dirs, metrics=[r["metrics"] for r in runs], curve={
         "updates": grid, "test_acc_mean": at.mean(0).tolist(),
