@@ -1514,37 +1514,40 @@ class EmbeddingFailed(Exception):
 STATUS = ("version", "iteration", *QUALITY, "refresh_s", "cpu_s")
 
 
-def acquire(lock, keep_going) -> bool:
-    """The child takes the lock, checking keep_going() every 0.5 s; False if told to stop first."""
-    while not lock.acquire(timeout=0.5):
-        if not keep_going():
-            return False
-    return True
+@contextlib.contextmanager
+def holding(lock, device: torch.device, keep_going=None):
+    """The shared lock -> True, or False if not taken: the student waits at most 1 s; the child (keep_going
+    given) waits in 0.5 s steps while keep_going(), since a student killed while holding it never releases it.
+    Work queued on the device while held finishes (sync) before the release: no side sees half a tensor."""
+    if keep_going is None:
+        got = lock.acquire(timeout=1.0)
+    else:
+        while not (got := lock.acquire(timeout=0.5)) and keep_going():
+            pass
+    try:
+        yield got
+        if got:
+            sync(device)
+    finally:
+        if got:
+            lock.release()
 
 
 def publish(shared: dict, lock, index: dict, refresh_s: float, keep_going):
-    if not acquire(lock, keep_going):
-        return
-    try:
-        shared["assign"].copy_(index["assign"])
-        sync(shared["assign"].device)  # the copy lands before the version says it has
-        values = [math.nan if index[k] is None else index[k] for k in STATUS[:-2]]
-        shared["status"].copy_(torch.tensor(values + [refresh_s, time.process_time()], dtype=torch.float64))
-    finally:
-        lock.release()
+    with holding(lock, shared["assign"].device, keep_going) as got:
+        if got:
+            shared["assign"].copy_(index["assign"])
+            sync(shared["assign"].device)  # the copy lands before the version says it has
+            values = [math.nan if index[k] is None else index[k] for k in STATUS[:-2]]
+            shared["status"].copy_(torch.tensor(values + [refresh_s, time.process_time()],
+                                                dtype=torch.float64))
 
 
 def read_selection(shared: dict, lock, keep_going) -> torch.Tensor | None:
     """The student's current samples (N,) bool; None (fit on all) if told to stop while waiting."""
     sync(shared["selected"].device)  # the refresh's queued forward pass finishes before, not under, the lock
-    if not acquire(lock, keep_going):
-        return None
-    try:
-        selected = shared["selected"].clone()  # (N,) bool
-        sync(selected.device)
-    finally:
-        lock.release()
-    return selected
+    with holding(lock, shared["selected"].device, keep_going) as got:
+        return shared["selected"].clone() if got else None  # (N,) bool
 
 
 def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
@@ -1671,14 +1674,10 @@ class EmbeddingProcess:
         if version < 1 or iteration < self.warmup or (known and (known["version"], known["iteration"]) ==
                                                       (version, iteration)):
             return known
-        if not self.lock.acquire(timeout=1.0):
-            return known
-        try:
+        with holding(self.lock, self.device) as got:  # on CUDA clone() only queues the copy: holding() syncs
+            if not got:
+                return known
             assign, status = self.shared["assign"].clone(), self.shared["status"].clone()
-            # on CUDA clone() only queues the copy: it must finish before the child may write
-            sync(self.device)
-        finally:
-            self.lock.release()
         index = {k: None if math.isnan(v) else v for k, v in zip(STATUS[:-2], status.tolist())}
         return {**index, "assign": assign, "version": int(index["version"]),
                 "iteration": int(index["iteration"])}
@@ -1686,15 +1685,12 @@ class EmbeddingProcess:
     def share_selection(self, mask: torch.Tensor):
         """Tell the child the student's current samples, mask (N,) bool (--embed-on selection); left for the
         next pass if the lock is not free within 1 s."""
-        if not self.lock.acquire(timeout=1.0):
-            print("[embedding] the shared lock was busy for 1 s: the child keeps the previous selection "
-                  "until the next pass", flush=True)
-            return
-        try:
+        with holding(self.lock, self.device) as got:
+            if not got:
+                print("[embedding] the shared lock was busy for 1 s: the child keeps the previous selection "
+                      "until the next pass", flush=True)
+                return
             self.shared["selected"].copy_(mask)
-            sync(self.device)
-        finally:
-            self.lock.release()
 
     def stop(self) -> float:
         """Ask the child to stop, kill it if it does not in time. -> its CPU seconds."""
