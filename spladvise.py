@@ -16,7 +16,7 @@ K clusters per class, M clusters and D examples per cluster in a magnet batch, L
     mu_m          mu             batch mean of magnet cluster m               (M, d)
     sigma^2       sigma2         variance of r around its cluster mean        ()
     alpha         alpha          Magnet Loss margin                           ()
-    I_1, p_I      seed_cluster   seed cluster, drawn with p_I = weights ∝ its loss  (C*K,)
+    I_1, p_I      seed_cluster   seed cluster, p_I = weights ∝ cluster loss   (C*K,)
     L_i           losses         student cross-entropy of sample i            (N,)
     W             mask           SPLD selection                               (N,)
     lambda,gamma  lam, gamma     easiness / diversity thresholds (Eq. 2)      ()
