@@ -1406,12 +1406,13 @@ class EmbeddingTrainer:
     def save_snapshot(self, test_emb: torch.Tensor):
         """Fig. 2's input: the first 50 test images of each class, the same at every version ->
         OUT/embeddings/."""
-        y_test, y = self.data["y_test"], self.data["y_test"].cpu()  # one device sync, not one per class
+        y = self.data["y_test"].cpu()  # (N_test,) one device sync, not one per class
         sample = torch.cat([(y == c).nonzero().flatten()[:50] for c in range(int(y.max()) + 1)])  # (≤ 50·C,)
         path = os.path.join(self.cfg.run_dir, "embeddings", f"v{self.version:05d}.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_atomic({"version": self.version, "iteration": self.iteration, "emb": test_emb[sample].cpu(),
-                     "labels": y_test[sample].cpu()}, path)  # a killed writer leaves no torn file for --plot
+        save_atomic({"version": self.version, "iteration": self.iteration,
+                     "emb": test_emb[sample.to(test_emb.device)].cpu(), "labels": y[sample]},
+                    path)  # a killed writer leaves no torn file for --plot
 
     def batch_loss(self):
         """One batch of the embedding objective: Alg. 1 steps 3-5 for the Magnet Loss, a class-balanced P × K
