@@ -103,7 +103,7 @@ class Config:
     data_dir: str = "data"  # torchvision layout or raw idx .gz files
     download: bool = True  # try a torchvision download when no local copy is found
     resume: bool = False  # continue the run in OUT from OUT/ckpt.pt
-    max_minutes: float = 0.0  # wall-clock budget; 0 = none. Ends cleanly with a checkpoint, never in pass 1
+    max_minutes: float = 0.0  # wall-clock budget of this invocation; 0 = none. Ends with a checkpoint
     deterministic: bool = False  # cuDNN deterministic kernels
     compile: bool = False  # torch.compile the student
     amp: str = "auto"  # bf16 autocast: on | off | embed (embedding only) | auto (per process, by its device)
@@ -1987,12 +1987,13 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     summary.json, ckpt.pt}; a signal (`stop_requested()`), --max-minutes or a dead embedding child ends it
     mid-pass, after checkpointing what it trained."""
     t_start, cpu_start, device = time.time(), time.process_time(), torch.device(cfg.gpu)
-    cores = len(os.sched_getaffinity(0))
+    t_session, cores = t_start, len(os.sched_getaffinity(0))
     print(f"[command] {command_line(cfg)}", flush=True)
     spawn = cfg.sampler == "spladvise" and cfg.embed_mode == "process" and not cfg.resume
     embedding = EmbeddingProcess(cfg) if spawn else None  # Alg. 2 step 2: Alg. 1 in parallel, started first
     try:
         data, net, opt, selector, st, ckpt = start_student(cfg, device, cores)  # Alg. 2 step 1
+        first_pass = st.passes  # --max-minutes never stops this invocation's first pass
         embedding, index = start_embedding(cfg, data, ckpt, st, cores, embedding)
         aug, amp = parse_augment(cfg.augment), bf16_enabled(cfg.amp, device, "student")
         forward = torch.compile(net) if cfg.compile else net
@@ -2025,7 +2026,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
                 keep_rate = small_loss_rate(float(st.done * st.epochs), 1 - cfg.f_max, cfg.ramp_epochs)
             t1, losses = time.time(), []
             for u in range(n_updates):
-                stopped = why_stop(cfg, st, t_start, embedding, stop_requested)
+                stopped = why_stop(cfg, st.passes > first_pass, t_session, embedding, stop_requested)
                 if stopped:
                     break
                 if embedding is not None and embedding.hand_over_cores():
@@ -2054,7 +2055,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             record |= pass_record(cfg, st, selector, chosen, index, data, train_loss, t_train, t_embed)
             log_pass(os.path.join(cfg.run_dir, "metrics.jsonl"), record)
             save_checkpoint(cfg, net, opt, selector, st, index, embedding, device)
-            stopped = stopped or why_stop(cfg, st, t_start, embedding, stop_requested)
+            stopped = stopped or why_stop(cfg, st.passes > first_pass, t_session, embedding, stop_requested)
     finally:
         child_cpu_s = embedding.stop() if embedding is not None else 0.0
     st.embed_cpu_s += child_cpu_s
@@ -2063,14 +2064,15 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     return write_summary(cfg, st, selector, device)
 
 
-def why_stop(cfg: Config, st: LoopState, t_start: float, embedding, stop_requested):
-    """Before each update: the embedding child's death (an EmbeddingFailed), a signal, or --max-minutes spent
-    (never during the first pass, so that every run leaves a checkpoint); None to go on."""
+def why_stop(cfg: Config, passed_one: bool, t_session: float, embedding, stop_requested):
+    """Before each update: the embedding child's death (an EmbeddingFailed), a signal, or this invocation's
+    --max-minutes spent (never before it has finished a pass, so that every run, and every resume, leaves a
+    newer checkpoint); None to go on."""
     if embedding is not None and embedding.failure():
         return embedding.failure()
     if stop_requested():
         return "signal"
-    if cfg.max_minutes and st.passes > 0 and st.wall_s + time.time() - t_start > 60 * cfg.max_minutes:
+    if cfg.max_minutes and passed_one and time.time() - t_session > 60 * cfg.max_minutes:
         return "max-minutes"
     return None
 

@@ -1527,8 +1527,8 @@ def test_infobatch_trains_random_s_epochs_in_fewer_updates(tmp_path):
 
 @needs_fmnist
 def test_max_minutes_stops_cleanly_and_resume_finishes_the_same_budget(tmp_path):
-    """--max-minutes ends with a checkpoint and summary; --resume continues to the same number of updates as
-    an uninterrupted run."""
+    """--max-minutes ends with a checkpoint and summary; a resume under the same --max-minutes gets it afresh
+    and trains on; --resume continues to the same number of updates as an uninterrupted run."""
     out = tmp_path / "run"
     args = TINY + ["--updates", "300", "--sampler", "random"]  # about 15 s of updates on 2 cores
     first = cli(args + ["--max-minutes", "0.05"], out)
@@ -1537,6 +1537,11 @@ def test_max_minutes_stops_cleanly_and_resume_finishes_the_same_budget(tmp_path)
     assert not stopped["complete"] and 0 < stopped["updates"] < 300 and stopped["wall_s"] < 3 + 3
     assert (f"ended at update {stopped['updates']} of 300; continue it with the same flags and --resume"
             in first.stdout)
+    # the budget is this invocation's: a resume under the same --max-minutes trains on, stops, and says so
+    again = cli(args + ["--max-minutes", "0.05", "--resume"], out)
+    assert again.returncode == 0, again.stderr
+    assert stopped["updates"] < json.load(open(out / "summary.json"))["updates"] < 300
+    assert "continue it with the same flags and --resume" in again.stdout
     resumed = cli(args + ["--resume"], out)
     assert resumed.returncode == 0, resumed.stderr
     assert json.load(open(out / "summary.json"))["updates"] == 300
