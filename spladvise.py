@@ -2056,11 +2056,14 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             log_pass(os.path.join(cfg.run_dir, "metrics.jsonl"), record)
             save_checkpoint(cfg, net, opt, selector, st, index, embedding, device)
             stopped = stopped or why_stop(cfg, st.passes > first_pass, t_session, embedding, stop_requested)
+        if isinstance(stopped, EmbeddingFailed):
+            raise stopped
+    except (EmbeddingFailed, NonFiniteLoss) as e:
+        e.run_dir = cfg.run_dir  # main names this run's last checkpoint (under --runs: OUT/seed-S's)
+        raise
     finally:
         child_cpu_s = embedding.stop() if embedding is not None else 0.0
     st.embed_cpu_s += child_cpu_s
-    if isinstance(stopped, EmbeddingFailed):
-        raise stopped
     return write_summary(cfg, st, selector, device)
 
 
@@ -2659,7 +2662,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (EmbeddingFailed, NonFiniteLoss) as e:
-        ckpt = os.path.join(cfg.run_dir, "ckpt.pt")
+        ckpt = os.path.join(getattr(e, "run_dir", cfg.run_dir), "ckpt.pt")
         last = (f"last good checkpoint: {ckpt} (update {load_cpu(ckpt)['state']['updates']})"
                 if os.path.exists(ckpt) else "no checkpoint was written yet")
         print(f"error: {e}; {last}", file=sys.stderr)

@@ -2048,18 +2048,19 @@ def test_orphaned_child_exits_when_the_main_process_is_sigkilled(tmp_path):
 @needs_fmnist
 def test_non_finite_student_loss_stops_at_that_update_and_keeps_the_good_checkpoint(tmp_path):
     """A learning rate made huge mid-run (a milestone with decay 1e9) makes the student diverge: exit 1, the
-    message names the student network, the update and the last good checkpoint, which nothing overwrote."""
+    message names the student network, the update and the last good checkpoint (under --runs, the failing
+    seed's), which nothing overwrote."""
     out = tmp_path / "run"
     r = cli(TINY + ["--updates", "60", "--embed-mode", "inline", "--sampler", "random", "--milestones", "0.5",
-                    "--lr-decay", "1e9"], out)
+                    "--lr-decay", "1e9", "--runs", "2"], out)
     assert r.returncode == 1, r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert ("student network at update" in line and "last good checkpoint" in line
             and "Traceback" not in r.stderr)
     bad_update = int(line.split("at update ")[1].split(";")[0])
-    good = torch.load(out / "ckpt.pt", weights_only=False)["state"]["updates"]
-    assert 30 <= bad_update and good < bad_update and f"(update {good})" in line
-    assert all(m["updates"] < bad_update for m in read_metrics(out))
+    good = torch.load(out / "seed-0" / "ckpt.pt", weights_only=False)["state"]["updates"]
+    assert 30 <= bad_update and good < bad_update and f"{out / 'seed-0' / 'ckpt.pt'} (update {good})" in line
+    assert all(m["updates"] < bad_update for m in read_metrics(out / "seed-0"))
 
 
 def run_main(argv, capsys):
