@@ -2317,6 +2317,11 @@ BENCH_REGIMES = {  # regime: (budget × the clean one, or None: the change sets 
 }
 
 
+def finished_regimes(folder: str) -> list[str]:
+    """The regimes of a benchmark in folder that have finished (each has written OUT/REGIME/bench.json)."""
+    return [r for r in BENCH_REGIMES if os.path.exists(os.path.join(folder, r, "bench.json"))]
+
+
 def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
     """Each regime (--regime, default all but the memorising ones) of BENCH_REGIMES: every row on the same
     student, data and seeds (--runs, default 5), one run at a time so that the cost columns are the machine's
@@ -2350,8 +2355,7 @@ def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
                                    for row, r in results[regime].items()}, "table": table}, f, indent=1)
     with open(os.path.join(root, "bench.md"), "w") as f:
         f.write("\n\n".join(json.load(open(os.path.join(root, regime, "bench.json")))["table"]
-                            for regime in BENCH_REGIMES
-                            if os.path.exists(os.path.join(root, regime, "bench.json"))))
+                            for regime in finished_regimes(root)))
     return results
 
 
@@ -2390,13 +2394,23 @@ def bench_table(results: dict) -> str:
 def finished_results(folder: str) -> bool:
     """True if folder holds a finished benchmark (or one regime of it), --runs aggregate or single run; --plot
     then only draws it."""
-    if any(os.path.exists(os.path.join(folder, *path)) for path in (
-            ("bench.json",), ("aggregate.json",), *((regime, "bench.json") for regime in BENCH_REGIMES))):
+    if finished_regimes(folder) or any(os.path.exists(os.path.join(folder, f))
+                                       for f in ("bench.json", "aggregate.json")):
         return True
     try:
         return json.load(open(os.path.join(folder, "summary.json")))["complete"]
     except (OSError, ValueError, KeyError):
         return False
+
+
+def drawable(folder: str) -> list[str]:
+    """The folders --plot draws for folder: each finished regime of a benchmark, else folder itself if it holds
+    a benchmark regime's, a --runs aggregate's or a run's results; none while nothing there has finished."""
+    regimes = [os.path.join(folder, r) for r in finished_regimes(folder)]
+    if regimes:
+        return regimes
+    results = ("bench.json", "aggregate.json", "summary.json")
+    return [folder] if any(os.path.exists(os.path.join(folder, f)) for f in results) else []
 
 
 def accuracy_curves(folder: str) -> dict:
@@ -2654,10 +2668,11 @@ def main(argv: list[str] | None = None) -> int:
             prepare_run_dir(cfg)
             report(train(cfg, stop_requested), cfg, stop_requested, "the same flags and --resume")
         if cfg.plot and not received:
-            regimes = [os.path.join(cfg.run_dir, r) for r in BENCH_REGIMES if os.path.exists(
-                os.path.join(cfg.run_dir, r, "bench.json"))]  # a benchmark: each regime's rows
-            for path in [p for folder in regimes or [cfg.run_dir] for p in plot_folder(folder)]:
+            folders = drawable(cfg.run_dir)
+            for path in [p for folder in folders for p in plot_folder(folder)]:
                 print(f"[plot] {path}", flush=True)
+            if not folders:
+                print(f"[plot] nothing has finished in {cfg.run_dir} to draw yet", flush=True)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1679,6 +1679,18 @@ def test_plot_draws_the_accuracy_curves_and_the_embedding_of_a_runs_folder(tmp_p
             and torch.equal(torch.bincount(first["labels"]), torch.full((10,), 30)))
 
 
+@needs_fmnist
+def test_plot_after_runs_cut_short_draws_nothing_and_says_so(tmp_path):
+    """--runs stopped by --max-minutes before its aggregate exists: --plot has nothing finished to draw, says so,
+    and the run still ends as a clean stop (exit 0, no traceback)."""
+    out = tmp_path / "runs"
+    r = cli(TINY + ["--updates", "60", "--runs", "2", "--sampler", "random", "--max-minutes", "0.001",
+                    "--plot"], out)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"[plot] nothing has finished in {out} to draw yet" in r.stdout
+    assert not (out / "aggregate.json").exists() and not (out / "curves.png").exists()
+
+
 def test_bench_table_and_curves_show_what_each_row_cost_and_selected(tmp_path, capsys):
     """Benchmark rendering on made-up runs: accuracy mean ± std over seeds, updates to reach random's final,
     the update where the curriculum started, the label precision of its curriculum passes, seconds per 1,000
