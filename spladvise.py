@@ -2163,8 +2163,8 @@ def write_summary(cfg: Config, st: LoopState, selector: SPLDSelector, device: to
                "torch": torch.__version__, "sampler": cfg.sampler,
                "seed": cfg.seed, "checkpoint": os.path.exists(os.path.join(cfg.run_dir, "ckpt.pt"))}
     if cfg.sampler in ("spl", "spld", "spladvise", "random-pace") and st.curriculum_start is None:
-        summary["note"] = ("no selection ran (the embedding's warm-up never arrived): "
-                           "this run is random sampling")
+        why = "the embedding's warm-up index" if cfg.sampler == "spladvise" else "a second pass"
+        summary["note"] = f"no selection ran (the budget ended before {why}): this run is random sampling"
         print(f"[student] {summary['note']}", flush=True)
     with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -1378,14 +1378,19 @@ def test_inline_mode_trains_the_warm_up_itself_as_work_and_selects_from_the_seco
 
 @needs_fmnist
 def test_a_warm_up_that_never_arrives_leaves_random_sampling_and_says_so(tmp_path):
+    """A curriculum whose budget ends before its first selection is random sampling, and the summary says
+    why: SPL-ADVisE's warm-up index never came, or SPL's budget was shorter than the first, unselected pass."""
     out = tmp_path / "late"
     r = cli(TINY + ["--updates", "20", "--embed-warmup", "1000"], out)
     assert r.returncode == 0, r.stderr
     summary = json.load(open(out / "summary.json"))
     assert (summary["curriculum_start"] is None and "random sampling" in summary["note"]
-            and "random sampling" in r.stdout)
+            and "warm-up index" in summary["note"] and summary["note"] in r.stdout)
     assert "the student now uses" not in r.stdout  # it kept half the cores: the child never throttled
     assert all(m["selected_frac"] == 1 and m["t_score"] == 0 for m in read_metrics(out))
+    r = cli(TINY + ["--updates", "5", "--sampler", "spl"], tmp_path / "short")  # 600 / 64: 10 per pass
+    note = json.load(open(tmp_path / "short" / "summary.json"))["note"]
+    assert r.returncode == 0 and "before a second pass" in note and "random sampling" in note, r.stderr
 
 
 @needs_fmnist
