@@ -1325,16 +1325,17 @@ class EmbeddingTrainer:
         self.amp = bf16_enabled(cfg.amp, device, "embedding")
         self.by_class = [(data["y_train"] == c).nonzero().flatten().cpu() for c in range(n_classes)]  # P × K
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.sampler, self.triplets, self.saved_losses = None, None, None
+        self.sampler, self.triplets = None, None
         self.read_selection = lambda: None  # --embed-on selection: -> the student's current samples (N,) bool
         self.iteration, self.sigma2_sum, self.version, self.refresh_s = 0, 0.0, 0, 0.0
         self.margin = 0.2  # UNSPECIFIED: Smart Mining's starting margin; its controller moves it
+        self.rebuild = saved  # a restored trainer's first refresh rebuilds the saved index, not a newer one
         if saved:
             for name in ("net", "head", "opt"):
                 getattr(self, name).load_state_dict(saved[name])
             self.gen.set_state(saved["gen"])
             self.iteration, self.sigma2_sum, self.version, self.margin = saved["counters"]
-            self.saved_losses = saved["losses"]
+            self.version -= 1  # the saved index's K-Means seed: the same net then gives the same clusters
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "head": self.head.state_dict(), "opt": self.opt.state_dict(),
@@ -1366,13 +1367,13 @@ class EmbeddingTrainer:
             return None
         if cfg.embed_loss == "magnet" and self.sampler is None:
             self.sampler = NeighbourhoodSampler(assign, centroids, cluster_class)
-            if self.saved_losses is not None:
-                self.sampler.example_loss, self.sampler.seen = self.saved_losses
+            if self.rebuild and self.rebuild["losses"] is not None:
+                self.sampler.example_loss, self.sampler.seen = self.rebuild["losses"]
         if cfg.embed_loss == "magnet":
             self.sampler.reindex(assign, centroids, cluster_class, fit)
-        if cfg.embed_loss == "triplet_global":
-            self.step_margin(emb)
-        self.version += 1
+        if cfg.embed_loss == "triplet_global":  # a rebuilt index's margin has taken its step already
+            self.mine(emb, step_margin=not self.rebuild)
+        self.version, self.rebuild = self.version + 1, None
         index = {"assign": assign, "version": self.version, "iteration": self.iteration,
                  **dict.fromkeys(QUALITY)}
         if not judge:
@@ -1390,12 +1391,14 @@ class EmbeddingTrainer:
         return {**index, "embed_acc": (predicted == y_test).float().mean().item(),
                 "embed_recall1": recall_at_1(test_emb, y_test), "embed_nmi": nmi(test_assign, y_test)}
 
-    def step_margin(self, emb: torch.Tensor):
+    def mine(self, emb: torch.Tensor, step_margin: bool):
         """Smart Mining: each sample's hardest triplet over the whole set, then the margin's controller step.
         """
         y = self.data["y_train"]
         positives, negatives = self.triplets = mine_triplets(emb, y, torch.arange(len(y), device=emb.device),
                                                              self.cfg.neighbours)  # (N,), (N,)
+        if not step_margin:
+            return
         d_pos = (emb - emb[positives]).pow(2).sum(1)  # (N,)
         d_neg = (emb - emb[negatives]).pow(2).sum(1)  # (N,)
         active = (d_pos - d_neg + self.margin > 0).double().mean().item()

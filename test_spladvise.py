@@ -6,6 +6,7 @@ Run: python -m pytest -q test_spladvise.py
 """
 import ast
 import collections
+import copy
 import dataclasses
 import datetime
 import gzip
@@ -1896,6 +1897,30 @@ def test_a_refresh_stops_between_its_chunks_once_asked_and_publishes_nothing(tmp
     assert trainer.version == 0 and list(trainer.schedule(keep_going=lambda: False)) == []
     index = trainer.refresh(judge=True)
     assert index["version"] == 1 and index["assign"].shape == (600,) and index["embed_acc"] is not None
+
+
+@needs_fmnist
+@pytest.mark.parametrize("loss", ["magnet", "triplet_global"])
+def test_a_restored_embedding_trainer_rebuilds_its_saved_index_and_continues_as_if_never_stopped(tmp_path,
+                                                                                                 loss):
+    """Resume: a trainer restored from state_dict() first rebuilds the index it saved (same version, same
+    clusters, Smart Mining's margin not stepped twice), then yields the same next index and weights as the
+    trainer that never stopped."""
+    cfg = S.resolve_config(S.parse_args(TINY + ["--updates", "5", "--refresh", "3", "--embed-warmup", "0",
+                                                "--embed-loss", loss, "--out", str(tmp_path)]))
+    data = S.prepare_data(cfg, torch.device("cpu"))
+    original = S.EmbeddingTrainer(cfg, data)
+    steps = original.schedule()
+    saved = [next(steps) for _ in range(2)][-1]  # version 2, after 3 iterations
+    restored = S.EmbeddingTrainer(cfg, data, copy.deepcopy(original.state_dict()))
+    again = restored.schedule()
+    rebuilt = next(again)
+    assert (rebuilt["version"], rebuilt["iteration"]) == (saved["version"], saved["iteration"]) == (2, 3)
+    assert torch.equal(rebuilt["assign"], saved["assign"]) and restored.margin == original.margin
+    a, b = next(steps), next(again)
+    assert (a["version"], a["iteration"]) == (b["version"], b["iteration"]) == (3, 6)
+    assert torch.equal(a["assign"], b["assign"]) and restored.margin == original.margin
+    assert all(torch.equal(p, q) for p, q in zip(original.net.parameters(), restored.net.parameters()))
 
 
 @needs_fmnist
