@@ -1515,7 +1515,13 @@ class EmbeddingFailed(Exception):
     """The embedding process died; the message holds its exception text or exit signal."""
 
 
-STATUS = ("version", "iteration", *QUALITY, "refresh_s", "cpu_s")
+INDEX_FIELDS = ("version", "iteration", *QUALITY)  # an index's numbers, read with its assign
+STATUS = (*INDEX_FIELDS, "refresh_s", "cpu_s")
+
+
+def read_status(status: torch.Tensor) -> dict:
+    """The shared status tensor (len(STATUS),) as {name: float}."""
+    return dict(zip(STATUS, status.tolist()))
 
 
 @contextlib.contextmanager
@@ -1542,7 +1548,7 @@ def publish(shared: dict, lock, index: dict, refresh_s: float, keep_going):
         if got:
             shared["assign"].copy_(index["assign"])
             sync(shared["assign"].device)  # the copy lands before the version says it has
-            values = [math.nan if index[k] is None else index[k] for k in STATUS[:-2]]
+            values = [math.nan if index[k] is None else index[k] for k in INDEX_FIELDS]
             shared["status"].copy_(torch.tensor(values + [refresh_s, time.process_time()],
                                                 dtype=torch.float64))
 
@@ -1593,7 +1599,7 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
         errors.join_thread()  # the message must leave before the process does
         sys.exit(1)
     finally:
-        status[-1] = time.process_time()  # its CPU seconds, read once it has stopped
+        status[STATUS.index("cpu_s")] = time.process_time()  # read once it has stopped
 
 
 class EmbeddingProcess:
@@ -1648,7 +1654,7 @@ class EmbeddingProcess:
             code = self.proc.exitcode
             cause = (f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0
                      else f"exited with code {code}")
-        if self.shared["status"][0] < 1:  # e.g. it could not open the CUDA tensors it was sent
+        if read_status(self.shared["status"])["version"] < 1:  # e.g. it could not open its CUDA tensors
             alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
             likely = "exclusive-process mode, which admits one process"
             if "expandable_segments" in alloc:
@@ -1661,11 +1667,11 @@ class EmbeddingProcess:
         """True once, when the warm-up's index is out and the student may take every core."""
         if self.cores is None:
             return False
-        version, iteration = self.shared["status"][:2].tolist()
-        if version < 1 or iteration < self.warmup:
+        status = read_status(self.shared["status"])
+        if status["version"] < 1 or status["iteration"] < self.warmup:
             return False
-        print(f"[embedding] warm-up index out (iteration {iteration:.0f}); the student now uses {self.cores} "
-              f"threads", flush=True)
+        print(f"[embedding] warm-up index out (iteration {status['iteration']:.0f}); the student now uses "
+              f"{self.cores} threads", flush=True)
         self.cores = None
         return True
 
@@ -1674,15 +1680,16 @@ class EmbeddingProcess:
         is none newer. Never waits longer than the lock's 1 s."""
         if failure := self.failure():
             raise failure
-        version, iteration = self.shared["status"][:2].tolist()
+        status = read_status(self.shared["status"])
+        version, iteration = int(status["version"]), int(status["iteration"])
         if version < 1 or iteration < self.warmup or (known and (known["version"], known["iteration"]) ==
                                                       (version, iteration)):
             return known
         with holding(self.lock, self.device) as got:  # on CUDA clone() only queues the copy: holding() syncs
             if not got:
                 return known
-            assign, status = self.shared["assign"].clone(), self.shared["status"].clone()
-        index = {k: None if math.isnan(v) else v for k, v in zip(STATUS[:-2], status.tolist())}
+            assign, status = self.shared["assign"].clone(), read_status(self.shared["status"])
+        index = {k: None if math.isnan(status[k]) else status[k] for k in INDEX_FIELDS}
         return {**index, "assign": assign, "version": int(index["version"]),
                 "iteration": int(index["iteration"])}
 
@@ -1700,7 +1707,8 @@ class EmbeddingProcess:
         """Ask the child to stop, kill it if it does not in time. -> its CPU seconds."""
         self.stop_flag.set()
         # it checks the flag between iterations and inside a refresh: wait for one refresh's chunk and more
-        timeout = max(5.0, 2 * self.shared["status"][-2].item()) if self.data is not None else 0.1
+        refresh_s = read_status(self.shared["status"])["refresh_s"]
+        timeout = max(5.0, 2 * refresh_s) if self.data is not None else 0.1
         self.proc.join(timeout)
         if self.proc.is_alive():
             self.proc.kill()
@@ -1712,7 +1720,14 @@ class EmbeddingProcess:
                     held = f"; the {mb:.0f} MB of CUDA tensors it mapped stay held until this process exits"
                 print(f"[embedding] killed pid {self.proc.pid}: it did not stop within {timeout:.0f} s{held}",
                       flush=True)
-        return self.shared["status"][-1].item()
+        return self.cpu_s()
+
+    def cpu_s(self) -> float:
+        """The child's CPU seconds (as of its last publish while it runs)."""
+        return read_status(self.shared["status"])["cpu_s"]
+
+    def state_dict(self) -> None:
+        return None  # the child saves its own state, to OUT/embed_state.pt
 
 
 class InlineEmbedding:
@@ -1742,6 +1757,12 @@ class InlineEmbedding:
 
     def stop(self) -> float:
         return 0.0
+
+    def cpu_s(self) -> float:
+        return 0.0  # counted in the student's own
+
+    def state_dict(self) -> dict:
+        return self.trainer.state_dict()
 
 
 # ---- 12. student loop (Alg. 2) -----------------------------------------------------------------------------
@@ -2145,12 +2166,11 @@ def log_pass(path: str, record: dict):
 def save_checkpoint(cfg: Config, net, opt, selector: SPLDSelector, st: LoopState, index, embedding, device):
     """One atomic file holding everything --resume needs; the child keeps its own state in OUT/embed_state.pt,
     inline mode's embedding is saved here."""
-    inline = embedding.trainer.state_dict() if isinstance(embedding, InlineEmbedding) else None
-    child_cpu_s = embedding.shared["status"][-1].item() if isinstance(embedding, EmbeddingProcess) else 0.0
     save_atomic({"config": dataclasses.asdict(cfg), "student": net.state_dict(), "opt": opt.state_dict(),
                  "selector": selector.state_dict(), "rng": rng_states(device),
-                 "embedding": inline, "index": index,
-                 "state": {**dataclasses.asdict(st), "embed_cpu_s": st.embed_cpu_s + child_cpu_s}},
+                 "embedding": embedding.state_dict() if embedding else None, "index": index,
+                 "state": {**dataclasses.asdict(st),
+                           "embed_cpu_s": st.embed_cpu_s + (embedding.cpu_s() if embedding else 0.0)}},
                 os.path.join(cfg.run_dir, "ckpt.pt"))
 
 
@@ -2407,8 +2427,8 @@ def finished_results(folder: str) -> bool:
 
 
 def drawable(folder: str) -> list[str]:
-    """The folders --plot draws for folder: each finished regime of a benchmark, else folder itself if it holds
-    a benchmark regime's, a --runs aggregate's or a run's results; none while nothing there has finished."""
+    """The folders --plot draws for folder: each finished regime of a benchmark, else folder itself if it
+    holds a benchmark regime's, a --runs aggregate's or a run's results; none while nothing has finished."""
     regimes = [os.path.join(folder, r) for r in finished_regimes(folder)]
     if regimes:
         return regimes

@@ -1380,7 +1380,8 @@ def test_inline_mode_trains_the_warm_up_itself_as_work_and_selects_from_the_seco
 @needs_fmnist
 def test_a_warm_up_that_never_arrives_leaves_random_sampling_and_says_so(tmp_path):
     """A curriculum whose budget ends before its first selection is random sampling, and the summary says
-    why: SPL-ADVisE's warm-up index never came, or SPL's budget was shorter than the first, unselected pass."""
+    why: SPL-ADVisE's warm-up index never came, or SPL's budget was shorter than its first, unselected
+    pass."""
     out = tmp_path / "late"
     r = cli(TINY + ["--updates", "20", "--embed-warmup", "1000"], out)
     assert r.returncode == 0, r.stderr
@@ -1687,8 +1688,8 @@ def test_plot_draws_the_accuracy_curves_and_the_embedding_of_a_runs_folder(tmp_p
 
 @needs_fmnist
 def test_plot_after_runs_cut_short_draws_nothing_and_says_so(tmp_path):
-    """--runs stopped by --max-minutes before its aggregate exists: --plot has nothing finished to draw, says so,
-    and the run still ends as a clean stop (exit 0, no traceback)."""
+    """--runs stopped by --max-minutes before its aggregate exists: --plot has nothing finished to draw, says
+    so, and the run still ends as a clean stop (exit 0, no traceback)."""
     out = tmp_path / "runs"
     r = cli(TINY + ["--updates", "60", "--runs", "2", "--sampler", "random", "--max-minutes", "0.001",
                     "--plot"], out)
