@@ -1870,8 +1870,11 @@ class Pass:
     idx: torch.Tensor  # (P,) the samples to train on
     share: Fraction  # of the budget one update spends
     weights: torch.Tensor | None = None  # InfoBatch: per-sample loss weights (N,)
-    last_index: str | None = None  # why no later pass needs a new index
-    clusters_used: int | None = None
+    keep_rate: float = 1.0  # small-loss: the share of each mini-batch's smallest losses that updates
+    embedding_done: str | None = None  # why no later pass needs a new index
+    lam: float | None = None  # Eq. 2's λ and γ where Eq. 2 chose the samples, else None
+    gamma: float | None = None
+    clusters_used: int | None = None  # groups that kept a sample
     t_score: float = 0.0
     t_select: float = 0.0
 
@@ -1957,18 +1960,20 @@ def choose_samples(cfg: Config, st: LoopState, selector: SPLDSelector, net, data
     if cfg.sampler == "infobatch":  # random's epochs, each pass an epoch of the kept samples
         kept, weights = infobatch_select(st.scores, cfg.prune_ratio, float(st.done), cfg.anneal)
         idx = kept.nonzero().flatten()
-        return Pass(idx, 1 / (st.epochs * math.ceil(len(idx) / cfg.batch_size)), weights)
+        return Pass(idx, 1 / (st.epochs * math.ceil(len(idx) / cfg.batch_size)), weights=weights)
+    if cfg.sampler == "small-loss":  # Co-teaching's R(T) with one network, inside each mini-batch
+        rate = small_loss_rate(float(st.done * st.epochs), 1 - cfg.f_max, cfg.ramp_epochs)
+        return dataclasses.replace(every, keep_rate=rate)
     if cfg.sampler in ("spl", "random-pace"):
         groups = torch.zeros_like(data["y_train"])  # one group
     elif cfg.sampler == "spld" or (cfg.sampler == "spladvise" and index
                                    and index["iteration"] >= cfg.warmup_iterations(n)):
         groups = index["assign"].to(device)  # SPLD's fixed pixel clusters, or the embedding's clusters
     else:
-        return every  # random, small-loss, or SPL-ADVisE before its warm-up's index
-    if cfg.sampler == "spladvise" and cfg.refresh < 0:
-        every.last_index = "the index is frozen"
+        return every  # random, or SPL-ADVisE before its warm-up's index
+    frozen = "the index is frozen" if cfg.sampler == "spladvise" and cfg.refresh < 0 else None
     if st.passes == 0:
-        return every
+        return dataclasses.replace(every, embedding_done=frozen)
     # UNSPECIFIED: the curriculum starts when its clusters exist, and t counts its passes from there: a late
     # start shifts the pace, not its shape
     if st.curriculum_start is None:
@@ -1976,20 +1981,20 @@ def choose_samples(cfg: Config, st: LoopState, selector: SPLDSelector, net, data
         print(f"[student] curriculum starts at pass {st.passes + 1} (update {st.updates})", flush=True)
     sizes = torch.bincount(groups).cpu()  # (G,)
     if selector.keeps_all(sizes):  # Alg. 2 step 16: this pass and every later one keep every sample
-        return dataclasses.replace(every, last_index="the pace keeps every sample from here on")
-    last = ("the pace keeps every sample after this pass" if selector.keeps_all(sizes, ahead=1)
-            else every.last_index)
+        return dataclasses.replace(every, embedding_done="the pace keeps every sample from here on")
+    done = "the pace keeps every sample after this pass" if selector.keeps_all(sizes, ahead=1) else frozen
     if cfg.sampler == "random-pace":  # the control of Wu et al. (ICLR 2021): f_t of the samples, uniformly
         f = pace_fraction(selector.t, cfg.f0, cfg.beta1, selector.f_max)
         selector.t += 1
-        return Pass(torch.randperm(n, device=device)[:round(min(f, 1) * n)], every.share, last_index=last)
+        return Pass(torch.randperm(n, device=device)[:round(min(f, 1) * n)], every.share, embedding_done=done)
     t0 = time.time()
     losses = training_losses(net, data, cfg.score_batch)  # (N,) Alg. 2 steps 5-6
     sync(device)
     t1 = time.time()
     mask = selector.select(losses, None if cfg.sampler == "spl" else groups)  # (N,) Alg. 2 steps 7-13, 16
-    return Pass(mask.nonzero().flatten(), every.share, None, last, int(torch.unique(groups[mask]).numel()),
-                t1 - t0, time.time() - t1)
+    return Pass(mask.nonzero().flatten(), every.share, embedding_done=done, lam=selector.lam,
+                gamma=selector.gamma, clusters_used=int(torch.unique(groups[mask]).numel()),
+                t_score=t1 - t0, t_select=time.time() - t1)
 
 
 def fill_batches(idx: torch.Tensor, batch: int) -> torch.Tensor:
@@ -2030,24 +2035,21 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
                 index = embedding.newest(index)  # (inline mode trains the embedding to its next index here)
             t_embed = time.time() - t0
             chosen = choose_samples(cfg, st, selector, net, data, index)  # Alg. 2 steps 5-13, 16
-            if chosen.last_index and embedding is not None:  # an index published from now on would go unused
+            if chosen.embedding_done and embedding is not None:  # an index published from now on goes unused
                 st.embed_cpu_s += embedding.stop()
-                embedding, st.embedding_done = None, chosen.last_index
+                embedding, st.embedding_done = None, chosen.embedding_done
                 torch.set_num_threads(cores)
                 print(f"[embedding] stopped before pass {st.passes + 1} (update {st.updates}): "
-                      f"{chosen.last_index}", flush=True)
+                      f"{chosen.embedding_done}", flush=True)
             if len(chosen.idx) == 0:
                 print(f"[student] pass {st.passes + 1} selected no sample; stopping", flush=True)
                 break
-            if cfg.embed_on == "selection" and embedding is not None and chosen.clusters_used is not None:
+            if cfg.embed_on == "selection" and embedding is not None and chosen.lam is not None:
                 st.selected = torch.zeros_like(data["y_train"], dtype=torch.bool)  # (N,) this pass's samples
                 embedding.share_selection(st.selected.index_fill_(0, chosen.idx, True))
             # Alg. 2 steps 3-4: one shuffled pass of mini-batch SGD over them, the lr set by the budget spent
             idx = fill_batches(chosen.idx[torch.randperm(len(chosen.idx), device=device)], cfg.batch_size)
             n_updates = min(math.ceil((1 - st.done) / chosen.share), len(idx) // cfg.batch_size)
-            keep_rate = 1.0
-            if cfg.sampler == "small-loss":  # Co-teaching's R(T) with one network
-                keep_rate = small_loss_rate(float(st.done * st.epochs), 1 - cfg.f_max, cfg.ramp_epochs)
             t1, losses = time.time(), []
             for u in range(n_updates):
                 stopped = why_stop(cfg, st.passes > first_pass, t_session, embedding, stop_requested)
@@ -2060,7 +2062,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
                 weights = chosen.weights[batch] if chosen.weights is not None else None
                 lr = lr_at(cfg, st.done + u * chosen.share)
                 per_sample = student_step(forward, opt, x, data["y_train"][batch], lr, amp, weights,
-                                          keep_rate)
+                                          chosen.keep_rate)
                 if st.scores is not None:
                     st.scores[batch] = per_sample  # InfoBatch's score: no extra forward pass
                 losses.append(per_sample.mean())
@@ -2137,9 +2139,7 @@ def pass_record(cfg: Config, st: LoopState, selector: SPLDSelector, chosen: Pass
             "t": None if st.curriculum_start is None else st.passes - 1 - st.curriculum_start,
             "train_loss": train_loss, "selected_frac": len(idx) / n,
             "label_precision": (data["y_train"][idx] == data["y_clean"][idx]).float().mean().item(),
-            "clusters_used": chosen.clusters_used,
-            "lam": selector.lam if chosen.clusters_used is not None else None,  # None: no select() this pass
-            "gamma": selector.gamma if chosen.clusters_used is not None else None,
+            "clusters_used": chosen.clusters_used, "lam": chosen.lam, "gamma": chosen.gamma,
             "clean_share_estimate": selector.clean_share_estimate,
             "embed_version": (index or {}).get("version"), "embed_iter": (index or {}).get("iteration"),
             **{q: (index or {}).get(q) for q in QUALITY}, "lr": lr_at(cfg, st.done), "wall_s": st.wall_s,
