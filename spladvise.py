@@ -165,6 +165,10 @@ class Config:
                             f"runs/{self.dataset}-{self.sampler}-{self.seed}")
 
     @property
+    def embed_device(self) -> str:
+        return self.gpu if self.embed_gpu == "same" else self.embed_gpu
+
+    @property
     def magnet_batch(self) -> int:
         return self.m * self.d
 
@@ -1362,7 +1366,8 @@ class EmbeddingTrainer:
         if fit is not None:
             print(f"[embedding] index {self.version + 1} fitted on {int(fit.sum())} of {len(fit)} samples "
                   f"(--embed-on selection)", flush=True)
-        assign, centroids, cluster_class = build_cluster_index(emb, y, cfg.k, cfg.kmeans_iters, gen, fit)
+        assign, centroids, cluster_class = build_cluster_index(emb, y, cfg.k, cfg.kmeans_iters, gen,
+                                                               fit)  # Alg. 1 step 2: K-Means++ per class
         if not keep_going():
             return None
         if cfg.embed_loss == "magnet" and self.sampler is None:
@@ -1384,9 +1389,10 @@ class EmbeddingTrainer:
         test_emb = self.embed(self.data["x_test"])  # (N_test, d)
         if not keep_going():
             return None
+        # the Magnet Loss's soft vote over the L nearest centres (Rippel et al., ICLR 2016)
         predicted = magnet_predict(test_emb, centroids, cluster_class, variance,
                                    min(cfg.neighbours, len(centroids)))
-        test_assign = kmeans_pp(test_emb, len(centroids) // cfg.k, cfg.kmeans_iters, gen)[1]  # (N_test,)
+        test_assign = kmeans_pp(test_emb, len(self.by_class), cfg.kmeans_iters, gen)[1]  # (N_test,) k = C
         self.save_snapshot(test_emb)
         return {**index, "embed_acc": (predicted == y_test).float().mean().item(),
                 "embed_recall1": recall_at_1(test_emb, y_test), "embed_nmi": nmi(test_assign, y_test)}
@@ -1429,9 +1435,9 @@ class EmbeddingTrainer:
             with autocast(device, self.amp):
                 return self.net(inputs).float()  # (B, d)
         if cfg.embed_loss == "magnet":
-            idx, clusters = self.sampler.sample(cfg.m, cfg.d, self.gen)  # (M*D,), (M*D,) on the CPU
+            idx, clusters = self.sampler.sample(cfg.m, cfg.d, self.gen)  # (M*D,), (M*D,) on the CPU, Alg. 1
             idx_dev = idx.to(device, non_blocking=True)  # queued before the forward: no wait
-            loss, per_example, sigma2 = magnet_loss(embed(idx_dev), y[idx_dev], clusters, cfg.alpha)
+            loss, per_example, sigma2 = magnet_loss(embed(idx_dev), y[idx_dev], clusters, cfg.alpha)  # Eq. 1
             return loss, (idx, per_example, sigma2)
         # UNSPECIFIED: P = M classes × K = D images, the magnet batch's size
         p = min(cfg.m, len(self.by_class))
@@ -1455,17 +1461,20 @@ class EmbeddingTrainer:
             if not keep_going():
                 return
             t0 = time.time()
-            loss, magnet = self.batch_loss()
+            loss, magnet = self.batch_loss()  # Alg. 1 steps 3-5 and Eq. 1
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
             self.iteration += 1
-            extra = (magnet[2][None], magnet[1]) if magnet else ()
-            values = torch.cat([loss[None], *extra]).detach().double().cpu()  # loss, σ², ℓ_b: one sync
+            if magnet is None:
+                values = loss.detach().double().cpu()[None]  # (1,) one sync
+            else:
+                idx, per_example, sigma2 = magnet
+                values = torch.cat([loss[None], sigma2[None], per_example]).detach().double().cpu()  # (2+B,)
             if not math.isfinite(values[0]):
                 raise NonFiniteLoss(f"non-finite loss in the embedding network at update {self.iteration}")
-            if magnet:
-                self.sampler.record(magnet[0], values[2:])
+            if magnet is not None:
+                self.sampler.record(idx, values[2:])  # the cluster losses behind the next seed draws' p_I
                 self.sigma2_sum += float(values[1])  # σ̄² = sigma2_sum / iteration, used by magnet_predict
             time.sleep((time.time() - t0) * (1 / share - 1))
 
@@ -1833,8 +1842,7 @@ def check_against_data(cfg: Config, data: dict):
     if cfg.batch_size > len(data["y_train"]):
         raise ConfigError(f"--batch-size {cfg.batch_size} is larger than the training set "
                           f"({len(data['y_train'])}); lower it or raise --train-size")
-    child_on_cpu = cfg.embed_gpu == "cpu" or (cfg.embed_gpu == "same" and cfg.gpu == "cpu")
-    shared = cfg.sampler == "spladvise" and cfg.embed_mode == "process" and child_on_cpu
+    shared = cfg.sampler == "spladvise" and cfg.embed_mode == "process" and cfg.embed_device == "cpu"
     if shared and os.path.isdir("/dev/shm"):
         need = sum(v.numel() * v.element_size() for v in data.values()) / 2 ** 20
         free = shutil.disk_usage("/dev/shm").free / 2 ** 20
@@ -1934,7 +1942,7 @@ def start_embedding(cfg: Config, data: dict, ckpt: dict | None, st: LoopState, c
     if cfg.embed_mode == "inline":
         embedding = InlineEmbedding(cfg, data, ckpt["embedding"] if ckpt else None, st.selected)
         return embedding, index or embedding.first
-    embed_device = torch.device(cfg.gpu if cfg.embed_gpu == "same" else cfg.embed_gpu)
+    embed_device = torch.device(cfg.embed_device)
     # on the CPU the two processes split the cores; a child on a GPU needs two CPU threads
     child_threads = max(1, cores - cores // 2) if embed_device.type == "cpu" else min(2, cores)
     if embed_device.type == "cpu" and data["x_train"].device.type == "cpu":
