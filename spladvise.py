@@ -52,10 +52,10 @@ standard CIFAR form); reading SVHN's .mat files without scipy (torchvision's rea
 
 Sections (`grep -n '^# ----' spladvise.py`):
     1 imports · 2 Config · 3 data · 4 networks · 5 K-Means++ and the cluster index · 6 Magnet Loss and
-    neighbourhood sampling (Alg. 1) · 7 other deep-metric-learning objectives (§5) · 8 SPLD selector (Alg. 2,
-    Eq. 2) · 9 your own loop: a Sampler · 10 training steps and evaluation · 11 embedding trainer (Alg. 1) and
-    process (two-process plumbing) · 12 student loop (Alg. 2) · 13 runs, seeds and benchmark · 14 figures
-    (Figs. 2, 3) · 15 CLI
+    neighbourhood sampling (Eq. 1, Alg. 1) · 7 other deep-metric-learning objectives (§5) · 8 SPLD selector
+    (Alg. 2, Eq. 2) · 9 SPL-ADVisE in your own loop: a Sampler · 10 training steps and evaluation ·
+    11 embedding trainer (Alg. 1) and process (Alg. 2 step 2) · 12 student loop (Alg. 2) · 13 runs, seeds and
+    benchmark · 14 figures (Figs. 2, 3) · 15 CLI and main
 """
 
 # ---- 1. imports --------------------------------------------------------------------------------------------
@@ -1190,8 +1190,8 @@ def seed_everything(seed: int, deterministic: bool = False):
     torch.backends.cudnn.benchmark = not deterministic
 
 
-# Where CUDA differs from the CPU: these helpers, the CUDA tensors shared with the child (section 11), and
-# nothing else.
+# Where CUDA differs from the CPU: these helpers, TF32 in scoring (true_float32), and the CUDA tensors shared
+# with the child (section 11).
 def bf16_enabled(amp: str, device: torch.device, network: str) -> bool:
     """--amp for one process's network ("student" or "embedding") on that process's device. auto: bf16 where
     the device has it natively (emulated bf16 is slower than float32): on CUDA (compute capability >= 8) both
@@ -1512,8 +1512,7 @@ def next_refresh(iteration: int, every: int, warmup: int) -> int | None:
 # keeps it alive until the child has exited; each has one writer and one reader (below). CUDA tensors travel
 # by CUDA IPC, CPU tensors live in shared memory. A writer copies, synchronises its device, then (the index)
 # bumps the version, all under one lock; a reader copies under the same lock and synchronises its device
-# before releasing it, so it never sees half a tensor. The child waits for the lock in 0.5 s steps, watching
-# its parent: a student killed while holding it never releases it.
+# before releasing it, so it never sees half a tensor (holding(), below).
 #   name      shape   dtype    writer   reader
 #   assign    (N,)    int64    child    student   cluster id of every training sample
 #   selected  (N,)    bool     student  child     the student's current samples (--embed-on selection)
@@ -2228,6 +2227,7 @@ def run_stats(run_dir: str) -> dict:
             "wall_s": s["wall_s"], "s_per_1k": 1000 * s["wall_s"] / s["updates"],
             **{k: 1000 * sum(r.get(k, 0.0) for r in m) / s["updates"] for k in PHASES},
             "embed_cpu_share": s.get("embed_cpu_s", 0.0) / s["cpu_s"] if s.get("cpu_s") else 0.0,
+            # curriculum_start counts passes from 0: the pass before it ends where the curriculum starts
             "curriculum_update": m[start - 1]["updates"] if start else math.nan,
             "label_precision": float(np.mean([r.get("label_precision", 1.0) for r in curriculum])),
             "used_acc": [r["embed_acc"] for r in used], "used_recall1": [r["embed_recall1"] for r in used],
@@ -2369,9 +2369,8 @@ def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
         # the row's flags win over its regime's
         runs = {row: dataclasses.replace(base, **{**budget, **change, **flags, "runs": 1},
                                          out=os.path.join(root, regime, row)) for row, flags in rows.items()}
-        # a row's own seed count, within an explicit --runs
-        n_seeds = {row: min(flags.get("runs", seeds), seeds) if cfg.runs > 1 else flags.get("runs", seeds)
-                   for row, flags in rows.items()}
+        cap = cfg.runs if cfg.runs > 1 else math.inf  # an explicit --runs caps a row's own seed count
+        n_seeds = {row: min(flags.get("runs", seeds), cap) for row, flags in rows.items()}
         results[regime] = {}
         for n in range(1, max(n_seeds.values()) + 1):  # seed by seed across the rows: a slow stretch
             for row, run in runs.items():  # of the machine hits every row
@@ -2408,16 +2407,18 @@ def bench_table(results: dict) -> str:
         reach = [next(((m["updates"], m["wall_s"]) for m in run if m["test_acc"] >= target), None)
                  for run in r["metrics"]]
         hits = [u for u in reach if u is not None]
-        rows.append(f"| {name} | {pm(r['final_acc'])} | {pm(r['best_acc'])} | {pm(r['early_stopped_acc'])} | "
-                    + (f"{np.mean([u for u, _ in hits]):.0f} ({len(hits)}/{len(reach)}) | "
-                       f"{np.mean([s for _, s in hits]):.0f}" if hits else "not reached | —")
-                    + f" | {show(r['curriculum_update'], '.0f')} | {r['label_precision']['mean']:.3f} | "
-                    f"{show(r['clean_share_estimate'], '.3f')} | "
-                    f"{r['s_per_1k']['mean']:.1f} ({r['s_per_1k']['mean'] / base:.2f}) | "
-                    + " | ".join(f"{r[k]['mean']:.1f}"
-                                 for k in ("t_train", "t_score", "t_embed", "t_embed_train"))
-                    + f" | {r['embed_cpu_share']['mean']:.2f} | {span(r['used_acc'])} | "
-                    f"{span(r['used_recall1'])} |")
+        cells = [name, pm(r["final_acc"]), pm(r["best_acc"]), pm(r["early_stopped_acc"])]
+        if hits:
+            cells += [f"{np.mean([u for u, _ in hits]):.0f} ({len(hits)}/{len(reach)})",
+                      f"{np.mean([s for _, s in hits]):.0f}"]
+        else:
+            cells += ["not reached", "—"]
+        cells += [show(r["curriculum_update"], ".0f"), f"{r['label_precision']['mean']:.3f}",
+                  show(r["clean_share_estimate"], ".3f"),
+                  f"{r['s_per_1k']['mean']:.1f} ({r['s_per_1k']['mean'] / base:.2f})",
+                  *(f"{r[k]['mean']:.1f}" for k in ("t_train", "t_score", "t_embed", "t_embed_train")),
+                  f"{r['embed_cpu_share']['mean']:.2f}", span(r["used_acc"]), span(r["used_recall1"])]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
