@@ -62,7 +62,9 @@ Sections (`grep -n '^# ----' spladvise.py`):
 import argparse
 import contextlib
 import dataclasses
+import glob
 import gzip
+import inspect
 import json
 import math
 import os
@@ -1246,6 +1248,11 @@ def load_cpu(path: str):
     return torch.load(path, weights_only=False, map_location="cpu")
 
 
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def build_net(name: str, shape, n_out: int, dropout: float, device) -> nn.Module:
     """make_net on the device, channels_last (also on the CPU, where oneDNN's convolutions are faster in it).
     """
@@ -1779,14 +1786,15 @@ def read_jsonl(path: str, max_updates: float = math.inf) -> list[dict]:
     written after the last checkpoint are dropped."""
     records = []
     if os.path.exists(path):
-        for line in open(path):
-            try:
-                record = json.loads(line)
-                updates = record["updates"]
-            except (json.JSONDecodeError, TypeError, KeyError):
-                continue
-            if updates <= max_updates and (not records or record["updates"] > records[-1]["updates"]):
-                records.append(record)
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    updates = record["updates"]
+                except (json.JSONDecodeError, TypeError, KeyError):
+                    continue
+                if updates <= max_updates and (not records or record["updates"] > records[-1]["updates"]):
+                    records.append(record)
     return records
 
 
@@ -2216,7 +2224,7 @@ PHASES = ("t_train", "t_score", "t_select", "t_embed", "t_embed_train")
 def run_stats(run_dir: str) -> dict:
     """One finished run's numbers for the tables; its label precision is over the curriculum's passes (all
     passes where it has none)."""
-    s = json.load(open(os.path.join(run_dir, "summary.json")))
+    s = read_json(os.path.join(run_dir, "summary.json"))
     m = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     curriculum = [r for r in m if r.get("t") is not None] or m
     used = [r for r in m if r["selected_frac"] < 1 and r.get("embed_acc") is not None]
@@ -2237,7 +2245,7 @@ def run_stats(run_dir: str) -> dict:
 def aggregate_runs(run_dirs: list[str], n_points: int = 20) -> dict:
     """Mean ± std over seeds of every run_stats number, and the mean test-accuracy curve (paper Fig. 3)."""
     runs = [run_stats(d) for d in run_dirs]
-    budget = json.load(open(os.path.join(run_dirs[0], "summary.json")))["budget"]
+    budget = read_json(os.path.join(run_dirs[0], "summary.json"))["budget"]
     grid = sorted({max(1, round(budget * i / n_points)) for i in range(1, n_points + 1)})
     at = np.array([np.interp(grid, [m["updates"] for m in r["metrics"]],
                              [m["test_acc"] for m in r["metrics"]], left=np.nan, right=np.nan)
@@ -2262,8 +2270,8 @@ def config_changes(saved: dict, cfg: Config) -> list[str]:
 def run_finished(run: Config) -> bool:
     """True if run.run_dir holds a complete run of this config."""
     try:
-        return (json.load(open(os.path.join(run.run_dir, "summary.json")))["complete"]
-                and not config_changes(json.load(open(os.path.join(run.run_dir, "config.json"))), run))
+        return (read_json(os.path.join(run.run_dir, "summary.json"))["complete"]
+                and not config_changes(read_json(os.path.join(run.run_dir, "config.json")), run))
     except (OSError, ValueError, KeyError):
         return False
 
@@ -2384,7 +2392,7 @@ def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
             json.dump({"results": {row: {k: v for k, v in r.items() if k != "metrics"}
                                    for row, r in results[regime].items()}, "table": table}, f, indent=1)
     with open(os.path.join(root, "bench.md"), "w") as f:
-        f.write("\n\n".join(json.load(open(os.path.join(root, regime, "bench.json")))["table"]
+        f.write("\n\n".join(read_json(os.path.join(root, regime, "bench.json"))["table"]
                             for regime in finished_regimes(root)))
     return results
 
@@ -2430,7 +2438,7 @@ def finished_results(folder: str) -> bool:
                                        for f in ("bench.json", "aggregate.json")):
         return True
     try:
-        return json.load(open(os.path.join(folder, "summary.json")))["complete"]
+        return read_json(os.path.join(folder, "summary.json"))["complete"]
     except (OSError, ValueError, KeyError):
         return False
 
@@ -2449,12 +2457,11 @@ def accuracy_curves(folder: str) -> dict:
     """Test accuracy against updates: a benchmark's rows or a --runs aggregate (mean ± std over seeds), or one
     run. -> {name: (updates, mean, std)} arrays, cut where nothing was measured (InfoBatch ends early)."""
     if os.path.exists(path := os.path.join(folder, "bench.json")):
-        curves = {row: r["curve"] for row, r in json.load(open(path))["results"].items()}
+        curves = {row: r["curve"] for row, r in read_json(path)["results"].items()}
     elif os.path.exists(path := os.path.join(folder, "aggregate.json")):
-        # older: no name
-        curves = {(agg := json.load(open(path))).get("sampler", "mean over seeds"): agg["curve"]}
+        curves = {(agg := read_json(path))["sampler"]: agg["curve"]}
     else:
-        curves = {json.load(open(os.path.join(folder, "summary.json")))["sampler"]:
+        curves = {read_json(os.path.join(folder, "summary.json"))["sampler"]:
                   aggregate_runs([folder])["curve"]}
     result = {}
     for name, c in curves.items():
@@ -2467,7 +2474,6 @@ def accuracy_curves(folder: str) -> dict:
 def figure_samples(folder: str) -> list[dict]:
     """The embedding snapshots of the first, a middle and the last index version of the folder's run (the
     first seed of --runs; a benchmark's spladvise row, else the first row that has them)."""
-    import glob
     for pattern in ("", "seed-*", "spladvise/seed-*", "spladvise*/seed-*"):
         paths = sorted(glob.glob(os.path.join(folder, pattern, "embeddings", "v*.pt")))
         if paths:
@@ -2536,7 +2542,6 @@ def fraction_or_auto(value: str):
 
 def parse_args(argv: list[str] | None) -> Config:
     """Flags generated from Config: --train-size (or --train_size), --no-download for booleans, and so on."""
-    import inspect
     helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = Parser(description="SPL-ADVisE (Thangarasa & Taylor, BMVC 2018), one file.",
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -2656,7 +2661,7 @@ def check_values(cfg: Config):
 def prepare_run_dir(cfg: Config):
     """Refuse to mix runs: an existing OUT must hold this same run, and --resume needs its checkpoint."""
     config_path, ckpt_path = os.path.join(cfg.run_dir, "config.json"), os.path.join(cfg.run_dir, "ckpt.pt")
-    saved = json.load(open(config_path)) if os.path.exists(config_path) else None
+    saved = read_json(config_path) if os.path.exists(config_path) else None
     if cfg.resume:
         if not os.path.exists(ckpt_path):
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
