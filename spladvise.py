@@ -1377,11 +1377,11 @@ class EmbeddingTrainer:
                                                                fit)  # Alg. 1 step 2: K-Means++ per class
         if not keep_going():
             return None
-        if cfg.embed_loss == "magnet" and self.sampler is None:
+        if cfg.embed_loss == "magnet" and self.sampler is None:  # the first index: no loss recorded yet
             self.sampler = NeighbourhoodSampler(assign, centroids, cluster_class)
             if self.rebuild and self.rebuild["losses"] is not None:
                 self.sampler.example_loss, self.sampler.seen = self.rebuild["losses"]
-        if cfg.embed_loss == "magnet":
+        if cfg.embed_loss == "magnet":  # cluster losses from the recorded ones; draws from `fit` only
             self.sampler.reindex(assign, centroids, cluster_class, fit)
         if cfg.embed_loss == "triplet_global":  # a rebuilt index's margin has taken its step already
             self.mine(emb, step_margin=not self.rebuild)
@@ -2260,8 +2260,8 @@ def aggregate_runs(run_dirs: list[str], n_points: int = 20) -> dict:
 
 
 def config_changes(saved: dict, cfg: Config) -> list[str]:
-    """How cfg differs from a saved config, RUNTIME_FIELDS aside; a field the saved one lacks (added since)
-    counts as its default."""
+    """How cfg differs from a saved config, RUNTIME_FIELDS aside; a field the saved one lacks counts as its
+    default (a run saved before that field existed)."""
     saved = {**{f.name: f.default for f in dataclasses.fields(Config)}, **saved}
     return [f"{k}: {saved[k]!r} there, {v!r} here" for k, v in dataclasses.asdict(cfg).items()
             if k not in RUNTIME_FIELDS and saved[k] != v]
