@@ -829,7 +829,7 @@ def test_spld_pace_rank_keeps_the_k_t_lowest_of_each_cluster_then_eq2_adds_its_b
 
 def test_pace_keeps_all_exactly_when_no_sample_can_be_left_out():
     """The scoring pass is skipped only when the pace keeps every sample whatever the losses: quantile once
-    f_t ≥ 1, rank once K_t reaches the largest cluster, absolute never."""
+    f_t ≥ 1, rank once K_t reaches the largest cluster."""
     losses, groups = torch.rand(300, dtype=torch.float64), torch.randint(0, 5, (300,))
     for t in range(10):
         for mode in ("quantile", "rank"):
