@@ -1349,6 +1349,8 @@ class EmbeddingTrainer:
             self.version -= 1  # the saved index's K-Means seed: the same net then gives the same clusters
 
     def state_dict(self) -> dict:
+        if self.rebuild:  # restored, its index not yet rebuilt: the state it was restored from
+            return self.rebuild
         return {"net": self.net.state_dict(), "head": self.head.state_dict(), "opt": self.opt.state_dict(),
                 "gen": self.gen.get_state(),
                 "counters": (self.iteration, self.sigma2_sum, self.version, self.margin),
@@ -1362,7 +1364,8 @@ class EmbeddingTrainer:
 
     def refresh(self, judge: bool, keep_going=lambda: True) -> dict | None:
         """Alg. 1 step 2: embed the training set, per-class K-Means++, reindex the sampler (Smart Mining: mine
-        every sample's hard triplet and step its margin). judge: also rate the embedding on the test set
+        every sample's hard triplet and step its margin). A restored trainer's first refresh rebuilds the
+        index it saved (its margin already stepped). judge: also rate the embedding on the test set
         (soft-vote accuracy, Recall@1, NMI of K-Means with k = C) and save Fig. 2's snapshot. None if stopped
         midway. -> the index {assign (N,), version, iteration, embed_acc, embed_recall1, embed_nmi}"""
         cfg, y, y_test = self.cfg, self.data["y_train"], self.data["y_test"]
@@ -1377,7 +1380,7 @@ class EmbeddingTrainer:
                                                                fit)  # Alg. 1 step 2: K-Means++ per class
         if not keep_going():
             return None
-        if cfg.embed_loss == "magnet" and self.sampler is None:  # the first index: no loss recorded yet
+        if cfg.embed_loss == "magnet" and self.sampler is None:  # this trainer's first index
             self.sampler = NeighbourhoodSampler(assign, centroids, cluster_class)
             if self.rebuild and self.rebuild["losses"] is not None:
                 self.sampler.example_loss, self.sampler.seen = self.rebuild["losses"]
@@ -1577,8 +1580,7 @@ def read_selection(shared: dict, lock, keep_going) -> torch.Tensor | None:
 
 def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
     """Child entry point: wait for the data, then Alg. 1 until the student sets `stop` or dies, publishing a
-    fresh index every R iterations and saving its own state (atomically) to OUT/embed_state.pt after each
-    publish."""
+    fresh index every R iterations, each after saving its own state (atomically) to OUT/embed_state.pt."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C (and Slurm's SIGTERM) hit the whole process group:
         signal.signal(sig, signal.SIG_IGN)  # the student decides, and stops this child by its flag
     try:
@@ -1602,9 +1604,10 @@ def embedding_worker(cfg_dict: dict, inbox, status, lock, stop, errors):
         trainer = EmbeddingTrainer(cfg, data, saved)
         trainer.read_selection = lambda: read_selection(shared, lock, keep_going)
         for index in trainer.schedule(cfg.embed_share, keep_going):  # --embed-share after its warm-up
+            if not keep_going():  # a stopped child saves nothing: the student may be waiting to kill it
+                break
+            save_atomic(trainer.state_dict(), state_path)  # first: a resume never rebuilds an older index
             publish(shared, lock, index, trainer.refresh_s, keep_going)
-            if keep_going():  # a stopped child saves nothing: the student may be waiting to kill it
-                save_atomic(trainer.state_dict(), state_path)
         while keep_going():  # frozen after the warm-up: wait to be stopped
             time.sleep(0.1)
     except BaseException as e:
@@ -2026,12 +2029,12 @@ def lr_at(cfg: Config, done: Fraction) -> float:
                                         for m in cfg.milestone_fractions)
 
 
-def train(cfg: Config, stop_requested=lambda: False) -> dict:
+def train(cfg: Config, stop_requested=lambda: False, deadline: float = math.inf) -> dict:
     """One run of Alg. 2 (or a baseline sampler) -> summary. Writes OUT/{config.json, metrics.jsonl,
-    summary.json, ckpt.pt}; a signal (`stop_requested()`), --max-minutes or a dead embedding child ends it
-    mid-pass, after checkpointing what it trained."""
+    summary.json, ckpt.pt}; a signal (`stop_requested()`), the --max-minutes deadline (a time.time()) or a
+    dead embedding child ends it mid-pass, after checkpointing what it trained."""
     t_start, cpu_start, device = time.time(), time.process_time(), torch.device(cfg.gpu)
-    t_session, cores = t_start, len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
     print(f"[command] {command_line(cfg)}", flush=True)
     spawn = cfg.sampler == "spladvise" and cfg.embed_mode == "process" and not cfg.resume
     embedding = EmbeddingProcess(cfg) if spawn else None  # Alg. 2 step 2: Alg. 1 in parallel, started first
@@ -2067,7 +2070,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             n_updates = min(math.ceil((1 - st.done) / chosen.share), len(idx) // cfg.batch_size)
             t1, losses = time.time(), []
             for u in range(n_updates):
-                stopped = why_stop(cfg, st.passes > first_pass, t_session, embedding, stop_requested)
+                stopped = why_stop(st.passes > first_pass, deadline, embedding, stop_requested)
                 if stopped:
                     break
                 if embedding is not None and embedding.hand_over_cores():
@@ -2096,7 +2099,7 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
             record |= pass_record(cfg, st, selector, chosen, index, data, train_loss, t_train, t_embed)
             log_pass(os.path.join(cfg.run_dir, "metrics.jsonl"), record)
             save_checkpoint(cfg, net, opt, selector, st, index, embedding, device)
-            stopped = stopped or why_stop(cfg, st.passes > first_pass, t_session, embedding, stop_requested)
+            stopped = stopped or why_stop(st.passes > first_pass, deadline, embedding, stop_requested)
         if isinstance(stopped, EmbeddingFailed):
             raise stopped
     except (EmbeddingFailed, NonFiniteLoss) as e:
@@ -2108,15 +2111,15 @@ def train(cfg: Config, stop_requested=lambda: False) -> dict:
     return write_summary(cfg, st, selector, device)
 
 
-def why_stop(cfg: Config, passed_one: bool, t_session: float, embedding, stop_requested):
-    """Before each update: the embedding child's death (an EmbeddingFailed), a signal, or this invocation's
-    --max-minutes spent (never before it has finished a pass, so that every run, and every resume, leaves a
-    newer checkpoint); None to go on."""
+def why_stop(passed_one: bool, deadline: float, embedding, stop_requested):
+    """Before each update: the embedding child's death (an EmbeddingFailed), a signal, or the invocation's
+    --max-minutes deadline passed (never before this call of train() has finished a pass, so that every run,
+    and every resume, leaves a newer checkpoint); None to go on."""
     if embedding is not None and embedding.failure():
         return embedding.failure()
     if stop_requested():
         return "signal"
-    if cfg.max_minutes and passed_one and time.time() - t_session > 60 * cfg.max_minutes:
+    if passed_one and time.time() > deadline:
         return "max-minutes"
     return None
 
@@ -2200,9 +2203,11 @@ def write_summary(cfg: Config, st: LoopState, selector: SPLDSelector, device: to
                f"cpu ({len(os.sched_getaffinity(0))} cores)",
                "torch": torch.__version__, "sampler": cfg.sampler,
                "seed": cfg.seed, "checkpoint": os.path.exists(os.path.join(cfg.run_dir, "ckpt.pt"))}
-    if cfg.sampler in ("spl", "spld", "spladvise", "random-pace") and st.curriculum_start is None:
-        why = "the embedding's warm-up index" if cfg.sampler == "spladvise" else "a second pass"
-        summary["note"] = f"no selection ran (the budget ended before {why}): this run is random sampling"
+    curriculum = cfg.sampler in ("spl", "spld", "spladvise", "random-pace")
+    if curriculum and st.curriculum_start is None and st.done >= 1:
+        why = ("before a pass after the first had the embedding's warm-up index" if cfg.sampler == "spladvise"
+               else "within the first pass, which takes every sample")
+        summary["note"] = f"no selection ran (the budget ended {why}): this run is random sampling"
         print(f"[student] {summary['note']}", flush=True)
     with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -2289,7 +2294,7 @@ def report(summary: dict, cfg: Config, stop_requested, again: str) -> bool:
     return summary["complete"]
 
 
-def run_seeds(cfg: Config, stop_requested=lambda: False) -> dict | None:
+def run_seeds(cfg: Config, stop_requested=lambda: False, deadline: float = math.inf) -> dict | None:
     """--runs N (and each benchmark row): seeds seed .. seed+N-1 in turn, each under OUT/seed-S, reusing a
     finished run and resuming one cut short, then OUT/aggregate.json. -> the aggregate, None if a run ended
     short (a signal, --max-minutes)."""
@@ -2299,7 +2304,7 @@ def run_seeds(cfg: Config, stop_requested=lambda: False) -> dict | None:
         if not run_finished(run):
             run = dataclasses.replace(run, resume=os.path.exists(os.path.join(run.run_dir, "ckpt.pt")))
             prepare_run_dir(run)
-            if stop_requested() or not report(train(run, stop_requested), run, stop_requested,
+            if stop_requested() or not report(train(run, stop_requested, deadline), run, stop_requested,
                                               "the same command"):
                 return None
     result = aggregate_runs([run.run_dir for run in runs])
@@ -2361,7 +2366,7 @@ def finished_regimes(folder: str) -> list[str]:
     return [r for r in BENCH_REGIMES if os.path.exists(os.path.join(folder, r, "bench.json"))]
 
 
-def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
+def run_bench(cfg: Config, stop_requested=lambda: False, deadline: float = math.inf) -> dict:
     """Each regime (--regime, default all but the memorising ones) of BENCH_REGIMES: every row on the same
     student, data and seeds (--runs, default 5), one run at a time so that the cost columns are the machine's
     alone, seed by seed across the rows; finished runs are reused. Prints each regime's table; writes
@@ -2383,7 +2388,8 @@ def run_bench(cfg: Config, stop_requested=lambda: False) -> dict:
         for n in range(1, max(n_seeds.values()) + 1):  # seed by seed across the rows: a slow stretch
             for row, run in runs.items():  # of the machine hits every row
                 if n <= n_seeds[row]:
-                    results[regime][row] = run_seeds(dataclasses.replace(run, runs=n), stop_requested)
+                    results[regime][row] = run_seeds(dataclasses.replace(run, runs=n), stop_requested,
+                                                     deadline)
                     if results[regime][row] is None:
                         return results
         table = f"{regime} ({json.dumps({**budget, **change})}):\n\n{bench_table(results[regime])}"
@@ -2445,7 +2451,8 @@ def finished_results(folder: str) -> bool:
 
 def drawable(folder: str) -> list[str]:
     """The folders --plot draws for folder: each finished regime of a benchmark, else folder itself if it
-    holds a benchmark regime's, a --runs aggregate's or a run's results; none while nothing has finished."""
+    holds a benchmark regime's, a --runs aggregate's or a run's results (a run cut short included); none
+    while no such file exists."""
     regimes = [os.path.join(folder, r) for r in finished_regimes(folder)]
     if regimes:
         return regimes
@@ -2697,13 +2704,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(parse_args(argv))
         print("[config] " + json.dumps(dataclasses.asdict(cfg)), flush=True)
+        deadline = time.time() + 60 * cfg.max_minutes if cfg.max_minutes else math.inf
         if cfg.bench:  # always runs: it reuses every finished run
-            run_bench(cfg, stop_requested)
+            run_bench(cfg, stop_requested, deadline)
         elif cfg.runs > 1:
-            run_seeds(cfg, stop_requested)
+            run_seeds(cfg, stop_requested, deadline)
         elif not (cfg.plot and finished_results(cfg.run_dir)):  # --plot --out DIR only draws a finished DIR
             prepare_run_dir(cfg)
-            report(train(cfg, stop_requested), cfg, stop_requested, "the same flags and --resume")
+            report(train(cfg, stop_requested, deadline), cfg, stop_requested, "the same flags and --resume")
         if cfg.plot and not received:
             folders = drawable(cfg.run_dir)
             for path in [p for folder in folders for p in plot_folder(folder)]:

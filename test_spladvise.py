@@ -1381,7 +1381,7 @@ def test_inline_mode_trains_the_warm_up_itself_as_work_and_selects_from_the_seco
 def test_a_warm_up_that_never_arrives_leaves_random_sampling_and_says_so(tmp_path):
     """A curriculum whose budget ends before its first selection is random sampling, and the summary says
     why: SPL-ADVisE's warm-up index never came, or SPL's budget was shorter than its first, unselected
-    pass."""
+    pass. A run cut short (here by --max-minutes) has no such note: its resume may still select."""
     out = tmp_path / "late"
     r = cli(TINY + ["--updates", "20", "--embed-warmup", "1000"], out)
     assert r.returncode == 0, r.stderr
@@ -1392,7 +1392,10 @@ def test_a_warm_up_that_never_arrives_leaves_random_sampling_and_says_so(tmp_pat
     assert all(m["selected_frac"] == 1 and m["t_score"] == 0 for m in read_metrics(out))
     r = cli(TINY + ["--updates", "5", "--sampler", "spl"], tmp_path / "short")  # 600 / 64: 10 per pass
     note = json.load(open(tmp_path / "short" / "summary.json"))["note"]
-    assert r.returncode == 0 and "before a second pass" in note and "random sampling" in note, r.stderr
+    assert r.returncode == 0 and "within the first pass" in note and "random sampling" in note, r.stderr
+    r = cli(TINY + ["--updates", "20", "--embed-warmup", "1000", "--max-minutes", "0.001"], tmp_path / "cut")
+    summary = json.load(open(tmp_path / "cut" / "summary.json"))
+    assert r.returncode == 0 and not summary["complete"] and "note" not in summary, r.stderr
 
 
 @needs_fmnist
@@ -1792,12 +1795,14 @@ def test_bench_stopped_mid_run_resumes_that_run_and_reuses_every_finished_one(tm
     assert (not json.load(open(first / "summary.json"))["complete"]
             and not (tmp_path / "clean" / "spl").exists())
     calls, train = [], S.train
-    monkeypatch.setattr(S, "train",
-                        lambda run, stop: calls.append((run.run_dir, run.resume)) or train(run, stop))
-    results = S.run_bench(cfg)
+    monkeypatch.setattr(S, "train", lambda run, stop, deadline: calls.append(
+        (run.run_dir, run.resume, deadline)) or train(run, stop, deadline))
+    deadline = time.time() + 600  # --max-minutes 10: one deadline for the whole invocation, not one per run
+    results = S.run_bench(cfg, deadline=deadline)
     # seed by seed
-    assert calls == [(str(first), True), *((str(tmp_path / "clean" / row / f"seed-{s}"), False)
-                                           for s, row in ((0, "spl"), (1, "random")))]
+    assert calls == [(str(first), True, deadline),
+                     *((str(tmp_path / "clean" / row / f"seed-{s}"), False, deadline)
+                       for s, row in ((0, "spl"), (1, "random")))]
     assert read_metrics(first)[-1]["updates"] == 20
     assert [results["clean"][row]["final_acc"]["n"] for row in ("random", "spl")] == [2, 1]
     table = (tmp_path / "bench.md").read_text()
@@ -1907,14 +1912,16 @@ def test_a_restored_embedding_trainer_rebuilds_its_saved_index_and_continues_as_
                                                                                                  loss):
     """Resume: a trainer restored from state_dict() first rebuilds the index it saved (same version, same
     clusters, Smart Mining's margin not stepped twice), then yields the same next index and weights as the
-    trainer that never stopped."""
+    trainer that never stopped; until that rebuild it saves the state it was restored from."""
     cfg = S.resolve_config(S.parse_args(TINY + ["--updates", "5", "--refresh", "3", "--embed-warmup", "0",
                                                 "--embed-loss", loss, "--out", str(tmp_path)]))
     data = S.prepare_data(cfg, torch.device("cpu"))
     original = S.EmbeddingTrainer(cfg, data)
     steps = original.schedule()
     saved = [next(steps) for _ in range(2)][-1]  # version 2, after 3 iterations
-    restored = S.EmbeddingTrainer(cfg, data, copy.deepcopy(original.state_dict()))
+    state = copy.deepcopy(original.state_dict())
+    restored = S.EmbeddingTrainer(cfg, data, state)
+    assert restored.state_dict() is state  # saved again before its rebuild: the same state, not version − 1
     again = restored.schedule()
     rebuilt = next(again)
     assert (rebuilt["version"], rebuilt["iteration"]) == (saved["version"], saved["iteration"]) == (2, 3)
