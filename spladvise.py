@@ -184,7 +184,7 @@ class Config:
         return self.refresh or math.ceil(n_train / self.magnet_batch)
 
     def warmup_iterations(self, n_train: int) -> int:
-        """Embedding iterations before the student's first selection: embed_warmup epochs of ceil(N / 64)."""
+        """Embedding iterations before the student's first selection: embed_warmup epochs of ⌈N / (M·D)⌉."""
         return math.ceil(self.embed_warmup * math.ceil(n_train / self.magnet_batch))
 
 
@@ -556,7 +556,7 @@ def kmeanspp_seed(x: torch.Tensor, k: int, candidates: int | None = None,
     d2 = sq_dists(x, x[chosen], x_sq).squeeze(1)  # (N,) squared distance to the nearest centre so far
     for _ in range(1, k):
         cum = d2.double().cumsum(0)  # (N,)
-        if cum[-1] > 0:  # draw ∝ D²; a point already chosen has D² = 0 and cannot be drawn again
+        if cum[-1] > 0:  # draw ∝ D²; a point already chosen has D² ≈ 0 (rounding) and is all but never drawn
             cand = torch.searchsorted(cum, uniform(trials, generator, x.device) * cum[-1], right=True)
         else:  # every point sits on a centre: any draw is as good
             cand = (uniform(trials, generator, x.device) * n).long()
@@ -589,12 +589,14 @@ def lloyd(x: torch.Tensor, centroids: torch.Tensor, iters: int) -> tuple[torch.T
 
 def kmeans_pp(x: torch.Tensor, k: int, iters: int = 20, generator: torch.Generator | None = None,
               candidates: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """K-Means++ on x (N, d), on x's device -> centroids (k, d), assign (N,) int64. Deterministic for a given
-    generator (any device)."""
+    """K-Means++ on x (N, d), on x's device, in float32 at least -> centroids (k, d), assign (N,) int64. The
+    same draws for a given generator on any device (CUDA's index_add_ sums in no fixed order unless
+    torch.use_deterministic_algorithms is on)."""
     if x.dim() != 2:
         raise ValueError(f"kmeans_pp needs x of shape (N, d), got {tuple(x.shape)}")
     if not 1 <= k <= x.shape[0]:
         raise ValueError(f"kmeans_pp needs 1 <= k <= N, got k={k} for N={x.shape[0]} points")
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16's 8-bit mantissa misassigns near-ties
     centroids = x[kmeanspp_seed(x, k, candidates, generator)].clone()  # (k, d)
     return lloyd(x, centroids, iters)
 
@@ -608,6 +610,7 @@ def build_cluster_index(emb: torch.Tensor, labels: torch.Tensor, k: int, iters: 
     if emb.dim() != 2 or labels.shape != emb.shape[:1]:
         raise ValueError(f"build_cluster_index needs emb (N, d) and labels (N,), got {tuple(emb.shape)} and "
                          f"{tuple(labels.shape)}")
+    emb = emb.to(torch.promote_types(emb.dtype, torch.float32))  # as kmeans_pp
     n_classes = int(labels.max()) + 1
     assign = torch.empty_like(labels)  # (N,)
     centroids = emb.new_empty(n_classes * k, emb.shape[1])  # (C*k, d)
@@ -631,9 +634,10 @@ def magnet_loss(r: torch.Tensor, classes: torch.Tensor, clusters: torch.Tensor, 
     classes (B,) on r's device; clusters (B,) ids, examples sharing an id form one batch cluster whose mean
     is mu (gradient flows through mu and sigma2). Cluster ids may stay on the CPU while r is on a GPU: the
     grouping then costs the device no synchronisation. -> loss (), per-example losses (B,), sigma2 ()."""
-    if r.dim() != 2 or classes.shape != r.shape[:1] or clusters.shape != r.shape[:1]:
-        raise ValueError(f"magnet_loss needs r (B, d), classes (B,), clusters (B,); got {tuple(r.shape)}, "
-                         f"{tuple(classes.shape)}, {tuple(clusters.shape)}")
+    if r.dim() != 2 or classes.shape != r.shape[:1] or clusters.shape != r.shape[:1] or len(r) < 2:
+        raise ValueError(f"magnet_loss needs r (B, d) with B >= 2, classes (B,), clusters (B,); got "
+                         f"{tuple(r.shape)}, {tuple(classes.shape)}, {tuple(clusters.shape)}")
+    r = r.to(torch.promote_types(r.dtype, torch.float32))  # half precision overflows σ² and the exponents
     ids, m_of, counts = torch.unique(clusters, return_inverse=True, return_counts=True)  # (M,), (B,), (M,)
     # non_blocking: host-to-device copies that do not wait for the queued forward (CUDA's async memcpy);
     # counting on the device instead (bincount) would read its min and max back
@@ -643,7 +647,8 @@ def magnet_loss(r: torch.Tensor, classes: torch.Tensor, clusters: torch.Tensor, 
     mu_class = classes.new_zeros(n_clusters).scatter(0, m_of, classes)  # (M,)
     dist = (r[:, None, :] - mu[None, :, :]).pow(2).sum(-1)  # (B, M)
     own = dist.gather(1, m_of[:, None]).squeeze(1)  # (B,) ‖r_b − μ_m(b)‖²
-    sigma2 = own.sum() / (r.shape[0] - 1)  # DEVIATION: σ² is a variance; the public ports' σ⁴ squares it
+    # DEVIATION: Eq. 1 as printed (and every public port) divides by 2σ² with its σ already this variance
+    sigma2 = own.sum() / (r.shape[0] - 1)  # () σ², the variance of r around the batch cluster means
     impostor = classes[:, None] != mu_class[None, :]  # (B, M) other-class clusters only, Eq. 1 denominator
     log_denominator = torch.logsumexp((-dist / (2 * sigma2)).masked_fill(~impostor, -math.inf), 1)  # (B,)
     per_example = F.relu(own / (2 * sigma2) + alpha + log_denominator)  # (B,) Eq. 1 in log space
@@ -684,10 +689,14 @@ class NeighbourhoodSampler:
             self.members = [m[eligible[m]] if eligible[m].any() else m for m in self.members]
         self.eligible = torch.zeros(len(self.assign), dtype=torch.bool)  # (N,) drawable
         self.eligible[torch.cat(self.members)] = True
+        # a cluster K-Means left empty (a collapsed embedding) is never a seed nor an impostor
+        self.nonempty = torch.tensor([len(m) > 0 for m in self.members])  # (C*K,)
         counted = (self.seen & self.eligible).double()  # (N,) losses that weigh their cluster
         dist = sq_dists(centroids, centroids)  # (C*K, C*K)
         dist[cluster_class[:, None] == cluster_class[None, :]] = math.inf
-        self.n_impostors = int((dist < math.inf).sum(1).min())  # fewest other-class clusters any cluster has
+        dist[:, ~self.nonempty] = math.inf
+        # the fewest other-class clusters any seed has
+        self.n_impostors = int((dist[self.nonempty] < math.inf).sum(1).min())
         self.impostors = dist.argsort(1)[:, :self.n_impostors]  # (C*K, I) other-class clusters, nearest first
         self.loss_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, self.assign,
                                                                        self.example_loss * counted)
@@ -695,12 +704,13 @@ class NeighbourhoodSampler:
         self.cluster_loss = self.cluster_losses()
 
     def cluster_losses(self) -> torch.Tensor:
-        """Mean recorded loss per cluster (C*K,). UNSPECIFIED: a cluster with no recorded member gets the mean
-        of the others, so it is still drawn; all clusters are uniform before any loss is recorded."""
+        """Mean recorded loss per cluster (C*K,), 0 for an empty one. UNSPECIFIED: a cluster with no recorded
+        member gets the mean of the others, so it is still drawn; all clusters are uniform before any loss is
+        recorded."""
         loss = self.loss_sum / self.loss_count.clamp_min(1)  # (C*K,)
         visited = self.loss_count > 0
         loss[~visited] = loss[visited].mean() if visited.any() else 1.0
-        return loss
+        return loss * self.nonempty
 
     def record(self, indices: torch.Tensor, losses: torch.Tensor):
         """Store the per-example losses of a batch, indices (B,) and losses (B,) (zeros count: the example is
@@ -724,7 +734,7 @@ class NeighbourhoodSampler:
         if m - 1 > self.n_impostors:
             raise ValueError(f"m={m} clusters per batch needs m-1 impostor clusters of other classes; "
                              f"there are only {self.n_impostors}")
-        weights = self.cluster_loss if self.cluster_loss.sum() > 0 else torch.ones_like(self.cluster_loss)
+        weights = self.cluster_loss if self.cluster_loss.sum() > 0 else self.nonempty.double()
         seed_cluster = int(torch.multinomial(weights, 1, generator=generator))  # Alg. 1: I_1 ~ p_I ∝ loss
         impostors = self.impostors[seed_cluster, :m - 1]  # (m-1,) Alg. 1: nearest clusters of other classes
         chosen = torch.cat([torch.tensor([seed_cluster]), impostors])  # (m,)
@@ -736,7 +746,8 @@ def magnet_predict(emb: torch.Tensor, centroids: torch.Tensor, cluster_class: to
                    n_neighbours: int) -> torch.Tensor:
     """Magnet Loss's classifier (Rippel et al. §3.2): soft vote of the L nearest cluster centres,
     c* = argmax_c Σ_{μ of class c} exp(−‖r−μ‖²/(2σ̄²)). emb (B, d) -> predicted classes (B,)."""
-    d2, closest = sq_dists(emb, centroids).topk(n_neighbours, dim=1, largest=False)  # (B, L), (B, L)
+    d2, closest = sq_dists(emb, centroids).topk(min(n_neighbours, len(centroids)), dim=1,
+                                                largest=False)  # (B, L), (B, L)
     weight = torch.softmax(-d2 / (2 * variance), dim=1)  # (B, L) normalising per row keeps the argmax
     votes = weight.new_zeros(len(emb), int(cluster_class.max()) + 1)  # (B, C)
     return votes.scatter_add_(1, cluster_class[closest], weight).argmax(1)  # (B,)
@@ -798,6 +809,8 @@ def mine_triplets(emb: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor
     among its n_neighbours nearest same-class examples (itself excluded). Chunks of anchors against the whole
     set, never an (N, N) matrix; the default chunk keeps each (chunk, N) matrix at 2^24 floats (64 MB)
     whatever N. emb (N, d), labels (N,), anchors (A,) indices -> positives (A,), negatives (A,) indices."""
+    if bool((labels == labels[0]).all()):
+        raise ValueError("mine_triplets needs at least two classes: with one there is no negative")
     positives, negatives, chunk = [], [], chunk or max(1, 2 ** 24 // len(emb))
     # DEVIATION: exact search, not FANNG's approximate one: exact is simpler and cheap at these sizes
     for a in anchors.split(chunk):  # (a,)
@@ -820,11 +833,12 @@ def triplet_margin_step(margin: float, active_share: float, target: float = 0.5,
 
 def dml_crc_loss(z: torch.Tensor, labels: torch.Tensor, ridge: float = 1.0, tau: float = 1.0,
                  n_classes: int | None = None) -> torch.Tensor:
-    """DML-CRC (Chakraborti et al., arXiv:1905.01168; UNSPECIFIED: no formulas were published). z (B, d) = A·f
-    with A the learnt Mahalanobis factor (metric AᵀA). Each example's collaborative code over the other B − 1
-    examples D: c = (DᵀD + κI)⁻¹Dᵀz_i; class residuals r_k = ‖z_i − D_k c_k‖² for the classes present among
-    the others; the loss is the mean cross-entropy of softmax(−r/τ) against y_i. Needs ≥ 2 examples of each
-    class. n_classes (C) given, nothing waits for the device."""
+    """DML-CRC (Chakraborti et al., arXiv:1905.01168; UNSPECIFIED: the formulas below are ours). z (B, d) =
+    A·f with A the learnt Mahalanobis factor (metric AᵀA). Each example's collaborative code over the other
+    B − 1 examples D: c = (DᵀD + κI)⁻¹Dᵀz_i; class residuals r_k = ‖z_i − D_k c_k‖² for the classes present
+    among the others; the loss is the mean cross-entropy of softmax(−r/τ) against y_i. Needs ≥ 2 examples of
+    each class. n_classes (C) given, nothing waits for the device."""
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # the ridge solve has no half-precision kernel
     b, j = len(z), torch.arange(len(z) - 1, device=z.device)
     others = j[None, :] + (j[None, :]
                            >= torch.arange(b, device=z.device)[:, None]).long()  # (B, B−1) all but i
@@ -944,8 +958,9 @@ def spld_pace(losses: torch.Tensor, t: int, mode: str, f0: float, rho0: float, b
         first_out = order[rank == rank_quota(f, sizes) + 1]  # the (K_t+1)-th lowest loss of each larger group
         lam[groups[first_out]] = losses[first_out].double()
         return lam, rho * quantile
-    lam = math.inf if f >= 1 else quantile
-    return lam, rho * lam if rho > 0 else 0.0
+    # Eq. 2 keeps L < λ: λ just above the quantile keeps the losses tied at it, which are equally easy
+    lam = math.inf if f >= 1 else math.nextafter(quantile, math.inf)
+    return lam, rho * lam if rho > 0 else 0.0  # ρ = 0 (plain SPL): γ = 0, never 0 · inf
 
 
 def pace_keeps_all(t: int, mode: str, f0: float, beta1: float, sizes: torch.Tensor | None = None,
@@ -973,7 +988,7 @@ def clean_share_estimate(losses: torch.Tensor, iters: int = 50) -> float:
         post = log_p.softmax(1)  # (N, 2) E step
         mass = post.sum(0).clamp_min(1e-12)  # (2,) M step
         weight, mu = mass / len(x), (post * x[:, None]).sum(0) / mass
-        var = ((post * (x[:, None] - mu) ** 2).sum(0) / mass).clamp_min(5e-4)  # DivideMix's reg_covar
+        var = ((post * (x[:, None] - mu) ** 2).sum(0) / mass).clamp_min(5e-4)  # floor (cf. reg_covar)
     clean = post[:, int(mu.argmin())] > 0.5  # (N,)
     return float(clean.double().mean()) if clean.any() else 1.0  # equal losses: no sign of noise
 
@@ -995,6 +1010,9 @@ class SPLDSelector:
 
     def select(self, losses: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         """losses (N,), groups (N,) cluster ids or None -> mask (N,) bool."""
+        if torch.isnan(losses).any():
+            raise ValueError(f"losses hold {int(torch.isnan(losses).sum())} NaN: Eq. 2 cannot rank them; "
+                             f"score with a model whose outputs are finite")
         # UNSPECIFIED: re-estimated at every select() from the current losses; the pace then reads the new
         # cap, so ρ_t's stop (cap_iteration) moves with it
         if self.auto:
@@ -1007,7 +1025,8 @@ class SPLDSelector:
         cap = math.ceil(self.f_max * len(losses)) if self.f_max < 1 else None  # DEVIATION: the cap holds
         mask = spld_select(losses, groups, lam, gamma, cap)  # (N,) Alg. 2 steps 7-13, Eq. 2
         self.lam = lam if isinstance(lam, float) else lam[lam < math.inf].mean().item()
-        self.t, self.gamma = self.t + 1, gamma
+        self.gamma = gamma
+        self.t += 1
         return mask
 
     def keeps_all(self, sizes: torch.Tensor | None = None, ahead: int = 0) -> bool:
@@ -1022,7 +1041,7 @@ class SPLDSelector:
                 "clean_share_estimate": self.clean_share_estimate}
 
     def load_state_dict(self, state: dict):
-        """The state of state_dict(); one saved before the auto flag was stored keeps this selector's mode."""
+        """The state of state_dict(); a state without the auto flag keeps this selector's mode."""
         self.t, self.f_max, self.auto = state["t"], state["f_max"], state.get("auto", self.auto)
         self.clean_share_estimate = state.get("clean_share_estimate")
 
@@ -1057,7 +1076,9 @@ def infobatch_select(scores: torch.Tensor, prune_ratio: float, progress: float, 
     # InfoBatch's code truncates; rounding is closer to 1 − r
     n_keep = round((1 - prune_ratio) * len(idx_cand))
     kept = ~candidates  # (N,)
-    kept[idx_cand[torch.randperm(len(idx_cand), generator=generator, device=scores.device)[:n_keep]]] = True
+    draw_on = generator.device if generator is not None else scores.device
+    kept[idx_cand[torch.randperm(len(idx_cand), generator=generator, device=draw_on)[:n_keep].to(
+        scores.device)]] = True
     weights[candidates] = 1 / (1 - prune_ratio)  # pruned candidates never use theirs
     return kept, weights
 
@@ -1107,6 +1128,7 @@ class SPLADVisESampler(torch.utils.data.Sampler):
         return mask
 
     def set_epoch(self, epoch: int):
+        """Call before each epoch, as with DistributedSampler: the epoch seeds its order."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -1142,18 +1164,22 @@ def true_float32():
     """TF32 off for convolutions (cuDNN's default on Ampere and later) and matrix products (on where a user
     set float32_matmul_precision "high"): Eq. 2 ranks float32 losses, and TF32's 10-bit mantissa would tie
     near-equal ones."""
-    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    # torch's fp32_precision API: the legacy allow_tf32 flags, mixed with it, make a user's setting unreadable
+    backends = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    previous = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+        for b, value in zip(backends, previous):
+            b.fp32_precision = value
 
 
 def score_losses(model: nn.Module, dataset, batch_size: int = 1024, device=None) -> torch.Tensor:
-    """Alg. 2 steps 5-6: every sample's cross-entropy under `model` in dataset order, in eval mode (the
-    model's mode is restored after) and float32. dataset: map-style, items (x, y); device: where to run,
-    by default the model's. Under an initialised torch.distributed with world > 1 each rank scores the
+    """Alg. 2 steps 5-6: every sample's cross-entropy under `model` in dataset order, in eval mode (each
+    module's mode is restored after) and from float32 logits. dataset: map-style, items (x, y); device: where
+    to run, by default the model's. Under an initialised torch.distributed with world > 1 each rank scores the
     shard rank::world and the shards are all-gathered, so every rank returns the same losses. -> (N,) CPU"""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module  # DDP forward may broadcast buffers, a collective a rank with no samples skips
@@ -1161,13 +1187,16 @@ def score_losses(model: nn.Module, dataset, batch_size: int = 1024, device=None)
     world, rank = world_and_rank()
     n = len(dataset)
     shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, n, world))
-    was_training, chunks = model.training, [torch.zeros(0, device=device)]  # (0,): a rank may score none
+    modes, chunks = {m: m.training for m in model.modules()}, [torch.zeros(0, device=device)]  # (0,): none
+    dtype = next(model.parameters()).dtype  # a bf16 model takes bf16 inputs
     model.eval()
     with torch.inference_mode(), true_float32():
         for x, y in torch.utils.data.DataLoader(shard, batch_size, shuffle=False):
-            logits = model(x.to(device)).float()  # (B, C) float32: reduced-precision logits tie Eq. 2's ranks
+            x = x.to(device, dtype if x.is_floating_point() else x.dtype)
+            logits = model(x).float()  # (B, C) float32: reduced-precision logits tie Eq. 2's ranks
             chunks.append(F.cross_entropy(logits, y.to(device), reduction="none"))  # (B,)
-    model.train(was_training)
+    for m, training in modes.items():  # a frozen BatchNorm stays in eval mode
+        m.train(training)
     losses = torch.cat(chunks)  # (N_r,) made outside inference mode, so callers may edit it in place
     if world == 1:
         return losses.cpu()

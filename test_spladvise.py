@@ -354,6 +354,18 @@ def test_lloyd_reseeds_an_empty_cluster():
     assert torch.bincount(assign, minlength=2).min() > 0
 
 
+def test_kmeans_in_half_precision_runs_in_float32():
+    """bf16 embeddings (a bf16 embedding net) are clustered in float32: the same centres and assignment as the
+    same values given in float32, not bf16's 8-bit-mantissa distances."""
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+    half = S.kmeans_pp(x, 6, 10, torch.Generator().manual_seed(1))
+    full = S.kmeans_pp(x.float(), 6, 10, torch.Generator().manual_seed(1))
+    assert torch.equal(half[1], full[1]) and torch.equal(half[0], full[0]) and half[0].dtype == torch.float32
+    labels = torch.arange(400) % 2
+    assert torch.equal(S.build_cluster_index(x, labels, 3, 10, torch.Generator().manual_seed(2))[0],
+                       S.build_cluster_index(x.float(), labels, 3, 10, torch.Generator().manual_seed(2))[0])
+
+
 def test_build_cluster_index_clusters_within_each_class():
     """Paper §3.1: K-Means++ per class -> C*K clusters, every cluster holding one class only."""
     x, labels = blobs([[0, 0], [0.3, 0], [10, 0]], 20, 1.0, 0)
@@ -454,6 +466,23 @@ def test_magnet_loss_matches_naive_loop(m, d, dim, n_classes, alpha):
     assert (per == 0).any() or (per > 0).all()  # hinge is applied per example
 
 
+def test_magnet_loss_of_half_precision_embeddings_is_computed_in_float32():
+    """Eq. 1 on bf16/float16 embeddings (a net under autocast) equals Eq. 1 on the same values in float32 (in
+    float16 σ² overflows and the loss would be a constant); a batch of one, whose σ² divides by B − 1 = 0, is
+    refused."""
+    r = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)) * 20  # (B, d)
+    classes, clusters = torch.arange(32) // 8, torch.arange(32) // 4
+    for dtype in (torch.float16, torch.bfloat16):
+        low = r.to(dtype).requires_grad_()
+        loss, _, sigma2 = S.magnet_loss(low, classes, clusters)
+        assert torch.isfinite(sigma2) and loss.item() == pytest.approx(
+            S.magnet_loss(low.detach().float(), classes, clusters)[0].item(), rel=1e-6)
+        loss.backward()
+        assert low.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="B >= 2"):
+        S.magnet_loss(r[:1], classes[:1], clusters[:1])
+
+
 def test_magnet_loss_is_invariant_to_scaling_the_embedding():
     """With σ² (not σ⁴) in Eq. 1 the loss does not change when r is scaled."""
     r, classes, clusters = magnet_batch(6, 4, 3, 3, seed=1)
@@ -545,6 +574,23 @@ def test_sampler_incremental_cluster_losses_equal_a_recomputation_with_repeated_
                                 rel_tol=1e-9)
 
 
+def test_a_collapsed_embedding_leaves_empty_clusters_that_are_never_drawn():
+    """Two classes of identical points: K-Means leaves 3 of each class's 4 clusters empty. The sampler never
+    seeds a batch with an empty cluster nor takes one as an impostor, before and after losses are recorded."""
+    emb = torch.cat([torch.zeros(20, 4), torch.ones(20, 4)])  # (40, 4) every point on its class's one spot
+    labels = torch.arange(40) // 20
+    gen = torch.Generator().manual_seed(0)
+    assign, centroids, cluster_class = S.build_cluster_index(emb, labels, 4, 5, gen)
+    sizes = torch.bincount(assign, minlength=8)
+    assert (sizes == 0).sum() == 6
+    sampler = S.NeighbourhoodSampler(assign, centroids, cluster_class)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(50):
+        idx, clusters = sampler.sample(2, 4, gen)
+        assert (sizes[clusters] > 0).all() and torch.equal(assign[idx], clusters)
+        sampler.record(idx, torch.rand(8, generator=gen))
+
+
 def test_sampler_refuses_more_clusters_than_impostors_exist():
     assign, centroids, cluster_class = toy_index(n_classes=2, k=2)
     with pytest.raises(ValueError, match="impostor"):
@@ -588,6 +634,14 @@ def osm_caa_reference(emb, labels, logits, margin, lam, sigma):
                 w = (torch.clamp(margin - d, min=0) * min(a[i], a[j])).detach()
                 num_n, den_n = num_n + w * torch.clamp(margin - d, min=0) ** 2, den_n + w
     return (1 - lam) * 0.5 * num_p / den_p + lam * 0.5 * num_n / den_n
+
+
+def test_magnet_predict_takes_every_centre_when_asked_for_more_neighbours_than_there_are():
+    """L larger than the C·K centres (a copier's L = 8 with 4 clusters): the soft vote over all of them."""
+    centroids, cluster_class = torch.tensor([[0.0], [1.0], [5.0], [6.0]]), torch.tensor([0, 0, 1, 1])
+    emb = torch.tensor([[0.4], [5.6]])
+    assert torch.equal(S.magnet_predict(emb, centroids, cluster_class, 1.0, 8),
+                       S.magnet_predict(emb, centroids, cluster_class, 1.0, 4))
 
 
 def test_osm_caa_loss_matches_the_pair_loop_and_no_gradient_flows_through_its_weights():
@@ -657,6 +711,17 @@ def test_mine_triplets_returns_the_brute_force_hardest_also_in_small_chunks():
     for chunk in (4096, 7, 1):
         pos, neg = S.mine_triplets(emb, labels, anchors, n_neighbours=4, chunk=chunk)
         assert pos.tolist() == positives and neg.tolist() == negatives, chunk
+
+
+def test_mine_triplets_refuses_a_single_class_and_dml_crc_runs_in_half_precision():
+    """With one class there is no negative: mine_triplets raises instead of returning same-class
+    "negatives". dml_crc_loss on bf16 embeddings solves its ridge systems in float32 (no bf16 kernel)."""
+    emb = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="two classes"):
+        S.mine_triplets(emb, torch.zeros(6, dtype=torch.long), torch.arange(6), 2)
+    z, labels = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 2
+    assert S.dml_crc_loss(z.bfloat16(), labels).item() == pytest.approx(
+        S.dml_crc_loss(z.bfloat16().float(), labels).item(), rel=1e-6)
 
 
 def test_triplet_margin_controller_moves_toward_the_target_share():
@@ -794,6 +859,18 @@ def test_spld_pace_quantile_selects_f_t_by_easiness_and_grows():
     for t in range(4):  # γ_t = ρ0 (1+β2)^t λ_t
         lam, gamma = S.spld_pace(losses, t, "quantile", 0.3, 0.5, 0.2, 0.1)
         assert math.isclose(gamma, 0.5 * 1.1 ** t * lam)
+
+
+def test_losses_tied_at_the_quantile_are_kept_and_nan_losses_are_refused():
+    """Equal losses are equally easy: plain SPL on tied losses keeps every one tied at λ_t's quantile (Eq. 2
+    keeps L < λ, so λ = the quantile itself would keep none), within the cap when there is one; a NaN loss
+    cannot be ranked and is refused with a message."""
+    tied = torch.tensor([0.5] * 10 + [2.0] * 10, dtype=torch.float64)
+    assert S.SPLDSelector(f0=0.3).select(tied).sum() == 10
+    assert S.SPLDSelector(f0=0.7).select(torch.ones(10)).all()
+    assert S.SPLDSelector(f0=0.7, f_max=0.5).select(torch.ones(10)).sum() == 5
+    with pytest.raises(ValueError, match="1 NaN"):
+        S.SPLDSelector().select(torch.tensor([0.1, float("nan"), 0.3]))
 
 
 def test_spld_pace_rank_keeps_the_k_t_lowest_of_each_cluster_then_eq2_adds_its_bonus():
@@ -1270,6 +1347,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_score_losses_feeds_a_bf16_model_its_dtype_and_restores_each_modules_mode():
+    """A bf16 model gets bf16 inputs (float32 ones would not match its weights); a BatchNorm frozen in eval
+    mode inside a training model comes back frozen."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    model.train()
+    model[1].eval()  # frozen statistics
+    data = torch.utils.data.TensorDataset(torch.randn(10, 3), torch.arange(10) % 2)
+    full = S.score_losses(model, data, 4)
+    assert model.training and not model[1].training and model[2].training
+    half = S.score_losses(model.bfloat16(), data, 4)
+    assert half.dtype == torch.float32 and half.shape == (10,) and torch.allclose(half, full, atol=0.1)
 
 
 def test_two_gloo_processes_score_select_and_train_alike_without_hanging(tmp_path):
@@ -1846,23 +1936,31 @@ def test_compile_trains_a_tiny_run(tmp_path):
 
 
 def test_the_scoring_pass_for_eq2_runs_with_tf32_off_and_restores_it():
-    """cuDNN's TF32 (on by default for convolutions on Ampere and later) is off while Eq. 2's losses are
-    computed, and back as it was afterwards."""
+    """TF32 (cuDNN's default for convolutions on Ampere and later; matrix products where a user set
+    float32_matmul_precision "high" or "medium") is off while Eq. 2's losses are computed, and every setting
+    is as it was afterwards, still readable through torch's legacy API."""
     seen, forward = [], S.forward_all
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     data = {"x_train": torch.zeros(6, 1, 2, 2, dtype=torch.uint8),
             "y_train": torch.zeros(6, dtype=torch.long), "mean": torch.zeros(1, 1, 1, 1),
             "std": torch.ones(1, 1, 1, 1)}
-    previous = torch.backends.cudnn.allow_tf32
+    backends = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+    initial = [b.fp32_precision for b in backends]
     try:
+        torch.set_float32_matmul_precision("medium")  # a user's setting, by the legacy API
         torch.backends.cudnn.allow_tf32 = True
-        S.forward_all = lambda *args, **kw: (seen.append(torch.backends.cudnn.allow_tf32)
+        before = [b.fp32_precision for b in backends]
+        S.forward_all = lambda *args, **kw: (seen.append((torch.backends.cudnn.conv.fp32_precision,
+                                                          torch.backends.cuda.matmul.fp32_precision))
                                              or forward(*args, **kw))
         assert S.training_losses(net, data, 4).shape == (6,)
+        after = [b.fp32_precision for b in backends]
+        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32
     finally:
         S.forward_all = forward
-        flag_after, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, previous
-    assert seen == [False] and flag_after is True
+        for b, value in zip(backends, initial):
+            b.fp32_precision = value
+    assert seen == [("ieee", "ieee")] and after == before
 
 
 def test_a_cpu_child_for_a_cuda_student_checks_the_shared_memory_it_needs(monkeypatch):
