@@ -32,7 +32,7 @@ Run (the smallest first):
 
 What the defaults reproduce (README "Where it helps": commands, commits, tables): not the paper's gain. On 2
 CPU cores, LeNet student, Fashion-MNIST: on clean labels no curriculum beats random sampling (the cpu preset's
-`./run.sh`: SPL-ADVisE 85.98 against random's 87.44; paper: 94.12 / 92.77); under 40 % label noise, where
+`./run.sh`: SPL-ADVisE 85.71 against random's 87.44; paper: 94.12 / 92.77); under 40 % label noise, where
 random sampling memorises the wrong labels, a pace capped at the known clean share ends far above random's
 final accuracy but only about a point above random stopped early on a noisy validation split.
 
