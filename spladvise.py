@@ -746,8 +746,9 @@ def magnet_predict(emb: torch.Tensor, centroids: torch.Tensor, cluster_class: to
                    n_neighbours: int) -> torch.Tensor:
     """Magnet Loss's classifier (Rippel et al. §3.2): soft vote of the L nearest cluster centres,
     c* = argmax_c Σ_{μ of class c} exp(−‖r−μ‖²/(2σ̄²)). emb (B, d) -> predicted classes (B,)."""
-    d2, closest = sq_dists(emb, centroids).topk(min(n_neighbours, len(centroids)), dim=1,
-                                                largest=False)  # (B, L), (B, L)
+    dtype = torch.promote_types(torch.promote_types(emb.dtype, centroids.dtype), torch.float32)
+    d2, closest = sq_dists(emb.to(dtype), centroids.to(dtype)).topk(min(n_neighbours, len(centroids)), dim=1,
+                                                                    largest=False)  # (B, L), (B, L)
     weight = torch.softmax(-d2 / (2 * variance), dim=1)  # (B, L) normalising per row keeps the argmax
     votes = weight.new_zeros(len(emb), int(cluster_class.max()) + 1)  # (B, C)
     return votes.scatter_add_(1, cluster_class[closest], weight).argmax(1)  # (B,)
@@ -1164,8 +1165,9 @@ def true_float32():
     """TF32 off for convolutions (cuDNN's default on Ampere and later) and matrix products (on where a user
     set float32_matmul_precision "high"): Eq. 2 ranks float32 losses, and TF32's 10-bit mantissa would tie
     near-equal ones."""
-    # torch's fp32_precision API: the legacy allow_tf32 flags, mixed with it, make a user's setting unreadable
-    backends = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    # torch's fp32_precision API (the legacy allow_tf32 flags, mixed with it, make a user's setting
+    # unreadable); oneDNN's matmul too, which float32_matmul_precision "medium" puts in bf16 on the CPU
+    backends = (torch.backends.cudnn.conv, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
     previous = [b.fp32_precision for b in backends]
     for b in backends:
         b.fp32_precision = "ieee"
@@ -1188,15 +1190,18 @@ def score_losses(model: nn.Module, dataset, batch_size: int = 1024, device=None)
     n = len(dataset)
     shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, n, world))
     modes, chunks = {m: m.training for m in model.modules()}, [torch.zeros(0, device=device)]  # (0,): none
-    dtype = next(model.parameters()).dtype  # a bf16 model takes bf16 inputs
+    # a bf16 model takes bf16 inputs
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     model.eval()
-    with torch.inference_mode(), true_float32():
-        for x, y in torch.utils.data.DataLoader(shard, batch_size, shuffle=False):
-            x = x.to(device, dtype if x.is_floating_point() else x.dtype)
-            logits = model(x).float()  # (B, C) float32: reduced-precision logits tie Eq. 2's ranks
-            chunks.append(F.cross_entropy(logits, y.to(device), reduction="none"))  # (B,)
-    for m, training in modes.items():  # a frozen BatchNorm stays in eval mode
-        m.train(training)
+    try:
+        with torch.inference_mode(), true_float32():
+            for x, y in torch.utils.data.DataLoader(shard, batch_size, shuffle=False):
+                x = x.to(device, dtype if x.is_floating_point() else x.dtype)
+                logits = model(x).float()  # (B, C) float32: reduced-precision logits tie Eq. 2's ranks
+                chunks.append(F.cross_entropy(logits, y.to(device), reduction="none"))  # (B,)
+    finally:
+        for m, training in modes.items():  # a frozen BatchNorm stays in eval mode
+            m.train(training)
     losses = torch.cat(chunks)  # (N_r,) made outside inference mode, so callers may edit it in place
     if world == 1:
         return losses.cpu()

@@ -637,11 +637,14 @@ def osm_caa_reference(emb, labels, logits, margin, lam, sigma):
 
 
 def test_magnet_predict_takes_every_centre_when_asked_for_more_neighbours_than_there_are():
-    """L larger than the C·K centres (a copier's L = 8 with 4 clusters): the soft vote over all of them."""
+    """L larger than the C·K centres (a copier's L = 8 with 4 clusters): the soft vote over all of them; bf16
+    embeddings against build_cluster_index's float32 centres vote in float32."""
     centroids, cluster_class = torch.tensor([[0.0], [1.0], [5.0], [6.0]]), torch.tensor([0, 0, 1, 1])
     emb = torch.tensor([[0.4], [5.6]])
     assert torch.equal(S.magnet_predict(emb, centroids, cluster_class, 1.0, 8),
                        S.magnet_predict(emb, centroids, cluster_class, 1.0, 4))
+    votes = S.magnet_predict(emb.bfloat16(), centroids, cluster_class, 1.0, 2)
+    assert torch.equal(votes, torch.tensor([0, 1]))
 
 
 def test_osm_caa_loss_matches_the_pair_loop_and_no_gradient_flows_through_its_weights():
@@ -1360,6 +1363,9 @@ def test_score_losses_feeds_a_bf16_model_its_dtype_and_restores_each_modules_mod
     assert model.training and not model[1].training and model[2].training
     half = S.score_losses(model.bfloat16(), data, 4)
     assert half.dtype == torch.float32 and half.shape == (10,) and torch.allclose(half, full, atol=0.1)
+    with pytest.raises(RuntimeError):  # a forward that fails (float64 inputs to a bf16 model's Linear)
+        S.score_losses(torch.nn.Sequential(model, torch.nn.Linear(3, 2).double()), data, 4)
+    assert model.training and not model[1].training  # restored after the failure too
 
 
 def test_two_gloo_processes_score_select_and_train_alike_without_hanging(tmp_path):
@@ -1937,30 +1943,36 @@ def test_compile_trains_a_tiny_run(tmp_path):
 
 def test_the_scoring_pass_for_eq2_runs_with_tf32_off_and_restores_it():
     """TF32 (cuDNN's default for convolutions on Ampere and later; matrix products where a user set
-    float32_matmul_precision "high" or "medium") is off while Eq. 2's losses are computed, and every setting
-    is as it was afterwards, still readable through torch's legacy API."""
+    float32_matmul_precision "high" or "medium", which also puts oneDNN's CPU matmul in bf16) is off while
+    Eq. 2's losses are computed, and every setting is as it was afterwards, still readable through torch's
+    legacy API."""
     seen, forward = [], S.forward_all
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     data = {"x_train": torch.zeros(6, 1, 2, 2, dtype=torch.uint8),
             "y_train": torch.zeros(6, dtype=torch.long), "mean": torch.zeros(1, 1, 1, 1),
             "std": torch.ones(1, 1, 1, 1)}
-    backends = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
-    initial = [b.fp32_precision for b in backends]
+    b = torch.backends
+    backends = (b, b.cuda.matmul, b.cudnn, b.cudnn.conv, b.cudnn.rnn, b.mkldnn, b.mkldnn.matmul,
+                b.mkldnn.conv, b.mkldnn.rnn)  # every fp32_precision setting, restored at the end
+    initial, legacy = [x.fp32_precision for x in backends], torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("medium")  # a user's setting, by the legacy API
         torch.backends.cudnn.allow_tf32 = True
-        before = [b.fp32_precision for b in backends]
-        S.forward_all = lambda *args, **kw: (seen.append((torch.backends.cudnn.conv.fp32_precision,
-                                                          torch.backends.cuda.matmul.fp32_precision))
+        before = [x.fp32_precision for x in backends]
+        S.forward_all = lambda *args, **kw: (seen.append((b.cudnn.conv.fp32_precision,
+                                                          b.cuda.matmul.fp32_precision,
+                                                          b.mkldnn.matmul.fp32_precision))
                                              or forward(*args, **kw))
         assert S.training_losses(net, data, 4).shape == (6,)
-        after = [b.fp32_precision for b in backends]
+        after = [x.fp32_precision for x in backends]
         assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32
     finally:
         S.forward_all = forward
-        for b, value in zip(backends, initial):
-            b.fp32_precision = value
-    assert seen == [("ieee", "ieee")] and after == before
+        torch.set_float32_matmul_precision(legacy)
+        for x, value in zip(backends, initial):
+            x.fp32_precision = value
+    assert seen == [("ieee", "ieee", "ieee")] and after == before
+    assert torch.get_float32_matmul_precision() == legacy  # nothing leaks into later tests
 
 
 def test_a_cpu_child_for_a_cuda_student_checks_the_shared_memory_it_needs(monkeypatch):
