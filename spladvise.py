@@ -682,15 +682,16 @@ class NeighbourhoodSampler:
         self.assign, centroids, cluster_class = assign.cpu(), centroids.cpu(), cluster_class.cpu()
         k = len(centroids)
         order = torch.argsort(self.assign, stable=True)  # (N,) members grouped by cluster
-        self.members = torch.split(order,
-                                   torch.bincount(self.assign, minlength=k).tolist())  # C*K index tensors
+        sizes = torch.bincount(self.assign, minlength=k)  # (C*K,)
+        self.members = torch.split(order, sizes.tolist())  # C*K index tensors
         if eligible is not None:
             eligible = eligible.cpu()
             self.members = [m[eligible[m]] if eligible[m].any() else m for m in self.members]
         self.eligible = torch.zeros(len(self.assign), dtype=torch.bool)  # (N,) drawable
         self.eligible[torch.cat(self.members)] = True
-        # a cluster K-Means left empty (a collapsed embedding) is never a seed nor an impostor
-        self.nonempty = torch.tensor([len(m) > 0 for m in self.members])  # (C*K,)
+        # a cluster K-Means left empty (a collapsed embedding) is never a seed nor an impostor; `eligible`
+        # empties none
+        self.nonempty = sizes > 0  # (C*K,)
         counted = (self.seen & self.eligible).double()  # (N,) losses that weigh their cluster
         dist = sq_dists(centroids, centroids)  # (C*K, C*K)
         dist[cluster_class[:, None] == cluster_class[None, :]] = math.inf
@@ -747,8 +748,8 @@ def magnet_predict(emb: torch.Tensor, centroids: torch.Tensor, cluster_class: to
     """Magnet Loss's classifier (Rippel et al. §3.2): soft vote of the L nearest cluster centres,
     c* = argmax_c Σ_{μ of class c} exp(−‖r−μ‖²/(2σ̄²)). emb (B, d) -> predicted classes (B,)."""
     dtype = torch.promote_types(torch.promote_types(emb.dtype, centroids.dtype), torch.float32)
-    d2, closest = sq_dists(emb.to(dtype), centroids.to(dtype)).topk(min(n_neighbours, len(centroids)), dim=1,
-                                                                    largest=False)  # (B, L), (B, L)
+    dist = sq_dists(emb.to(dtype), centroids.to(dtype))  # (B, C*K)
+    d2, closest = dist.topk(min(n_neighbours, len(centroids)), dim=1, largest=False)  # (B, L), (B, L)
     weight = torch.softmax(-d2 / (2 * variance), dim=1)  # (B, L) normalising per row keeps the argmax
     votes = weight.new_zeros(len(emb), int(cluster_class.max()) + 1)  # (B, C)
     return votes.scatter_add_(1, cluster_class[closest], weight).argmax(1)  # (B,)
@@ -1078,8 +1079,8 @@ def infobatch_select(scores: torch.Tensor, prune_ratio: float, progress: float, 
     n_keep = round((1 - prune_ratio) * len(idx_cand))
     kept = ~candidates  # (N,)
     draw_on = generator.device if generator is not None else scores.device
-    kept[idx_cand[torch.randperm(len(idx_cand), generator=generator, device=draw_on)[:n_keep].to(
-        scores.device)]] = True
+    pick = torch.randperm(len(idx_cand), generator=generator, device=draw_on)[:n_keep]  # (n_keep,)
+    kept[idx_cand[pick.to(scores.device)]] = True
     weights[candidates] = 1 / (1 - prune_ratio)  # pruned candidates never use theirs
     return kept, weights
 
